@@ -1,0 +1,177 @@
+"""Parallel sizes and the one device mesh built from them.
+
+Every consumer asks this module for a named sub-mesh; nothing else in the library reads process-group globals.
+
+Mesh layout (outermost first): ``dp_replicate × dp_shard × sp``. Named sub-meshes:
+
+======================  =================================  ==============================================
+name                    dims                               used for
+======================  =================================  ==============================================
+``dp``                  dp_replicate × dp_shard            data loading: ranks of one SP group see the same samples
+``dp_shard_sp``         dp_shard × sp                      FSDP2 parameter sharding (SP ranks shard weights too)
+``dp_sp``               dp_replicate × dp_shard × sp       loss / token-count reduction
+``sp``                  sp                                 Ulysses all-to-all
+======================  =================================  ==============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+__all__ = ["ParallelDims", "ParallelMesh", "ParallelLayoutError"]
+
+
+class ParallelLayoutError(ValueError):
+    """An impossible parallel layout: raised on every rank before any collective."""
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of each parallel dimension; ``dp_shard=-1`` means "whatever is left of the world size".
+
+    ``ep`` (expert parallelism) is planned into the layout now: it must divide ``dp_shard × sp`` because experts are
+    sharded over the same ranks that shard the dense parameters.
+    """
+
+    world_size: int
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    sp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "dp_replicate", "sp", "ep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParallelLayoutError(f"{name} must be a positive integer, got {value!r}.")
+        if self.dp_shard == -1:
+            denom = self.dp_replicate * self.sp
+            if self.world_size % denom:
+                raise ParallelLayoutError(
+                    f"world size {self.world_size} is not divisible by dp_replicate ({self.dp_replicate}) × "
+                    f"sp ({self.sp}) = {denom}. Choose sizes whose product divides the number of processes "
+                    f"(devices × nodes)."
+                )
+            object.__setattr__(self, "dp_shard", self.world_size // denom)
+        elif not isinstance(self.dp_shard, int) or self.dp_shard < 1:
+            raise ParallelLayoutError(f"dp_shard must be a positive integer or -1 (infer), got {self.dp_shard!r}.")
+        product = self.dp_replicate * self.dp_shard * self.sp
+        if product != self.world_size:
+            raise ParallelLayoutError(
+                f"dp_replicate ({self.dp_replicate}) × dp_shard ({self.dp_shard}) × sp ({self.sp}) = {product}, "
+                f"but the world size is {self.world_size}. Set dp_shard=-1 to infer it, or change the sizes."
+            )
+        if (self.dp_shard * self.sp) % self.ep:
+            raise ParallelLayoutError(
+                f"ep ({self.ep}) must divide dp_shard × sp = {self.dp_shard * self.sp}; experts are sharded over the "
+                f"same ranks as the dense parameters."
+            )
+
+    @property
+    def dp(self) -> int:
+        """Number of data-parallel replicas of the batch (ranks of one SP group count once)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_size(self) -> int:
+        """Ranks that shard the parameters."""
+        return self.dp_shard * self.sp
+
+    def validate_attention(self, num_heads: int, num_kv_heads: int) -> None:
+        """Check that Ulysses can split the attention heads; raise a clear error otherwise.
+
+        Query heads must divide by ``sp``. Key/value heads need not: when ``num_kv_heads`` is not a multiple of
+        ``sp`` they are repeated up to ``lcm(num_kv_heads, sp)``, which must still divide ``num_heads``.
+        """
+        if self.sp == 1:
+            return
+        if num_heads % self.sp:
+            raise ParallelLayoutError(
+                f"sp={self.sp} does not divide the model's {num_heads} attention heads. Ulysses splits heads across "
+                f"the SP group: choose an sp that divides {num_heads}."
+            )
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ParallelLayoutError(f"num_heads ({num_heads}) is not a multiple of num_kv_heads ({num_kv_heads}).")
+
+    def build_mesh(self, device_type: str) -> ParallelMesh:
+        """Build the device mesh (a collective-free call on every rank after the process group is up)."""
+        if dist.is_initialized() and dist.get_world_size() != self.world_size:
+            raise ParallelLayoutError(
+                f"ParallelDims was built for world size {self.world_size}, but the process group has "
+                f"{dist.get_world_size()} ranks."
+            )
+        if self.ep > 1:
+            raise ParallelLayoutError(
+                "Expert parallelism (ep > 1) is not implemented yet; the mesh reserves it for the MoE recipes. "
+                "Set ep_size=1."
+            )
+        mesh = init_device_mesh(
+            device_type,
+            (self.dp_replicate, self.dp_shard, self.sp),
+            mesh_dim_names=("dp_replicate", "dp_shard", "sp"),
+        )
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
+        mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
+        return ParallelMesh(self, mesh)
+
+
+class ParallelMesh:
+    """The device mesh with accessors for the named sub-meshes; handed to modules by the strategy."""
+
+    def __init__(self, dims: ParallelDims, mesh: DeviceMesh) -> None:
+        self.dims = dims
+        self.mesh = mesh
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        return self.mesh[name]
+
+    @property
+    def device_type(self) -> str:
+        return self.mesh.device_type
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """1-D mesh for FSDP, or the 2-D (replicate, shard) mesh for HSDP."""
+        if self.dims.dp_replicate > 1:
+            return self.mesh["dp_replicate", "dp_shard_sp"]
+        return self.mesh["dp_shard_sp"]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.mesh["sp"].get_local_rank()
+
+    @property
+    def sp_size(self) -> int:
+        return self.dims.sp
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup | None:
+        """The Ulysses group, or None without sequence parallelism (attention then runs locally)."""
+        return self.mesh["sp"].get_group() if self.dims.sp > 1 else None
+
+    @property
+    def loss_group(self) -> dist.ProcessGroup:
+        """All ranks that hold distinct tokens of the global batch (dp × sp)."""
+        return self.mesh["dp_sp"].get_group()
+
+    def __repr__(self) -> str:
+        d = self.dims
+        return f"ParallelMesh(dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, sp={d.sp}, ep={d.ep}, device={self.device_type})"
+
+
+def world_device_type() -> str:
+    """``cuda`` when a GPU is visible to this process, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
