@@ -506,3 +506,63 @@ def test_gensim_corpus_packs(tok):
     assert st["padding_tokens"] < 0.25 * st["micro_batches"] * T  # greedy packing wastes little
     for step in steps[:5]:
         check_micro_batch(step[0], T, tok.pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------------ Lightning
+
+
+class _RecordingModule:
+    """Factory for a minimal manual-optimization LightningModule that records the input_ids of each step."""
+
+    @staticmethod
+    def make():
+        import lightning.pytorch as pl
+
+        class Rec(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.automatic_optimization = False
+                self.w = torch.nn.Parameter(torch.zeros(1))
+                self.seen: list[list[torch.Tensor]] = []
+
+            def training_step(self, batch, batch_idx):
+                assert isinstance(batch, list)
+                self.seen.append([mb["input_ids"].clone() for mb in batch])
+                opt = self.optimizers()
+                opt.zero_grad()
+                self.manual_backward((self.w * sum(mb["num_loss_tokens"] for mb in batch)).sum())
+                opt.step()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        return Rec()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_checkpoint_resume(tok, tmp_path):
+    import lightning.pytorch as pl
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts(20)])
+    kw = dict(micro_batch_tokens=64, grad_accum_steps=2, shuffle_buffer=5, seed=11)
+
+    def trainer(max_steps):
+        return pl.Trainer(
+            max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+        )  # fmt: skip
+
+    full = _RecordingModule.make()
+    trainer(8).fit(full, datamodule=make_dm(tok, [path], **kw))
+    first = _RecordingModule.make()
+    t1 = trainer(3)
+    dm1 = make_dm(tok, [path], **kw)
+    t1.fit(first, datamodule=dm1)
+    assert dm1.state_dict()["consumed_steps"] == 3
+    ckpt = str(tmp_path / "step3.ckpt")
+    t1.save_checkpoint(ckpt)
+    second = _RecordingModule.make()
+    trainer(8).fit(second, datamodule=make_dm(tok, [path], **kw), ckpt_path=ckpt)
+    assert len(full.seen) == 8 and len(first.seen) == 3 and len(second.seen) == 5
+    for got, ref in zip(first.seen + second.seen, full.seen):
+        assert all(torch.equal(a, b) for a, b in zip(got, ref)) and len(got) == len(ref) == 2
