@@ -1,0 +1,112 @@
+"""``VeOmniStrategy``: Lightning's ModelParallelStrategy with one FSDP2 × Ulysses-SP (× EP) device mesh."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from typing_extensions import override
+
+from veomni_lightning.parallel.dims import ParallelDims, ParallelMesh
+from veomni_lightning.parallel.fsdp import DTypeName, FSDPConfig
+
+from .checkpoint_io import write_atomically
+
+__all__ = ["VeOmniStrategy"]
+
+
+class VeOmniStrategy(ModelParallelStrategy):
+    """Trainer strategy that builds the FSDP2 × Ulysses-SP mesh and hands it, with the FSDP options, to the module.
+
+    The LightningModule applies the parallelism in ``configure_model`` by reading :attr:`parallel_mesh` and
+    :attr:`fsdp_config` (the strategy knows no particular module). Data loaders are keyed on the data-parallel rank,
+    so the ranks of one SP group see the same samples. Checkpoints are sharded DCP folders (or one file with
+    ``save_distributed_checkpoint=False``), written atomically.
+
+    Args:
+        dp_replicate_size: HSDP replica groups (parameters are sharded within a group, replicated across groups).
+        sp_size: Ulysses sequence-parallel degree; must divide the attention heads.
+        ep_size: expert-parallel degree (reserved for MoE; must divide dp_shard × sp).
+        param_dtype: compute dtype of gathered weights; master weights stay fp32.
+        reduce_dtype: gradient reduction dtype.
+        reshard_after_forward: ZeRO-3 (True) or keep gathered weights until backward (False).
+        activation_checkpointing: recompute each transformer block in backward.
+        cpu_offload: keep sharded parameters and optimizer state on the CPU.
+        save_distributed_checkpoint: one shard per rank (True) or a single full file (False).
+        process_group_backend: ``nccl`` / ``gloo``; default chosen from the device.
+    """
+
+    strategy_name = "veomni"
+
+    def __init__(
+        self,
+        dp_replicate_size: int = 1,
+        sp_size: int = 1,
+        ep_size: int = 1,
+        param_dtype: DTypeName = "bf16",
+        reduce_dtype: DTypeName = "fp32",
+        reshard_after_forward: bool = True,
+        activation_checkpointing: bool = False,
+        cpu_offload: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.dp_replicate_size = dp_replicate_size
+        self.sp_size = sp_size
+        self.ep_size = ep_size
+        self.fsdp_config = FSDPConfig(
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reshard_after_forward=reshard_after_forward,
+            activation_checkpointing=activation_checkpointing,
+            cpu_offload=cpu_offload,
+        )
+        self._parallel_mesh: ParallelMesh | None = None
+
+    @property
+    def parallel_mesh(self) -> ParallelMesh:
+        """The mesh with its named sub-meshes; available from ``configure_model`` on."""
+        if self._parallel_mesh is None:
+            raise RuntimeError("The parallel mesh is built in setup_environment(); it is not available yet.")
+        return self._parallel_mesh
+
+    @override
+    def setup_environment(self) -> None:
+        self.set_world_ranks()
+        # Validate the layout on every rank before any process group or collective exists.
+        dims = ParallelDims(
+            world_size=self.num_nodes * self.num_processes,
+            dp_replicate=self.dp_replicate_size,
+            sp=self.sp_size,
+            ep=self.ep_size,
+        )
+        self._setup_distributed()
+        self._parallel_mesh = dims.build_mesh(self.root_device.type)
+        self._device_mesh = self._parallel_mesh.mesh
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        mesh = self.parallel_mesh
+        return {"num_replicas": mesh.dp_size, "rank": mesh.dp_rank}
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        write_atomically(
+            path,
+            lambda tmp: super(VeOmniStrategy, self).save_checkpoint(checkpoint, tmp, storage_options),
+            rank=self.global_rank,
+            barrier=self.barrier,
+        )

@@ -1,0 +1,83 @@
+"""Throughput and model-FLOPs-utilisation (MFU) accounting.
+
+MFU formula (the one quoted in the README and the benchmark tables)::
+
+    flops_per_token = 6 · P + 12 · L · H · D · S
+    MFU             = flops_per_token · tokens_per_second_per_gpu / peak_flops_per_gpu
+
+with P the parameter count including the lm_head (tied embeddings counted once), L layers, H attention heads,
+D head dim, S the packed sequence length (tokens per micro-batch before SP slicing), and the peak the GPU's dense
+bf16 throughput (989 TFLOP/s for H100/H200 SXM).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["count_parameters", "flops_per_token", "device_peak_tflops", "ThroughputMeter"]
+
+_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Global number of parameters (sharded DTensors count their full size; shared tensors count once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def flops_per_token(config, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token by the formula in this module's docstring."""
+    text = getattr(config, "text_config", config)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 6.0 * num_params + 12.0 * text.num_hidden_layers * heads * head_dim * seq_len
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a known GPU, else None (then MFU is not logged)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in _PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class ThroughputMeter:
+    """Tokens per second over a window of steps, synchronising the device only when a value is read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._tokens = 0
+        self._start: float | None = None
+
+    def add(self, tokens: int) -> None:
+        """Record the tokens of a step that just finished; the first call only starts the clock (warm-up)."""
+        if self._start is None:
+            self._sync()
+            self._start = time.perf_counter()
+            return
+        self._tokens += tokens
+
+    def read(self) -> float | None:
+        """Tokens/s since the last read (None before the first full window); starts a new window."""
+        if self._start is None or self._tokens == 0:
+            return None
+        self._sync()
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._start, 1e-9)
+        self._tokens, self._start = 0, now
+        return rate
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
