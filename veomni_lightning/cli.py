@@ -13,8 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 import veomni_lightning.strategies  # noqa: F401  (registers the "veomni" strategy)
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
-    """Entry point of the console script; ``args`` overrides ``sys.argv`` (used by tests)."""
+def build_cli(args: list[str] | None = None) -> LightningCLI:
+    """Parse ``args`` (default ``sys.argv``) and run the subcommand; returns the CLI (tests inspect it)."""
     return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -23,6 +23,11 @@ def main(args: list[str] | None = None) -> LightningCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Console-script entry point ``veomni-lightning``."""
+    build_cli()
 
 
 if __name__ == "__main__":

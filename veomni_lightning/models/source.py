@@ -277,7 +277,30 @@ def load_config(src: ModelSource | str, overrides: dict[str, Any] | None = None)
     from transformers import AutoConfig
 
     folder = src.folder if isinstance(src, ModelSource) else src
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    return _apply_overrides(AutoConfig.from_pretrained(folder, trust_remote_code=False), overrides)
+
+
+def config_from_model_type(model_type: str, overrides: dict[str, Any] | None = None) -> Any:
+    """A default config of a transformers architecture (``"qwen3"``, ``"llama"``, ...) with ``overrides`` applied.
+
+    For random-init training of a model shape with no files at all (tests, benchmarks, pre-training from scratch).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{model_type!r} is not a transformers model type (e.g. 'qwen3', 'llama', 'qwen2').")
+    return _apply_overrides(AutoConfig.for_model(model_type), overrides)
+
+
+def is_model_type(name: str) -> bool:
+    """True when ``name`` is a registered transformers model type rather than a path or hub id."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return name in CONFIG_MAPPING and not Path(name).expanduser().exists()
+
+
+def _apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
     for key, value in (overrides or {}).items():
         if not hasattr(config, key):
             raise AttributeError(f"config override {key!r}: {type(config).__name__} has no such attribute.")

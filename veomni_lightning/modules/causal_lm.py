@@ -18,8 +18,10 @@ from torch.distributed.tensor import DTensor
 
 from veomni_lightning.models import (
     build_model_on_meta,
+    config_from_model_type,
     export_hf_folder,
     init_random_weights,
+    is_model_type,
     load_config,
     load_pretrained_weights,
     materialize_model,
@@ -39,7 +41,8 @@ class CausalLMModule(pl.LightningModule):
     """Causal-LM pre-training / SFT for any HF decoder, random init from a config or pretrained weights.
 
     Args:
-        model: local HF folder, ``package:<pkg>/<file.gguf>``, a ``.gguf`` path, or a hub id (needs network).
+        model: local HF folder, ``package:<pkg>/<file.gguf>``, a ``.gguf`` path, a hub id (needs network), or, with
+            ``pretrained=False``, a transformers model type such as ``qwen3`` (shape from ``config_overrides``).
         gguf_file: GGUF file name inside ``model`` when ``model`` is a folder.
         pretrained: load the weights (True) or random-init from the config (False).
         config_overrides: config fields to change before building (e.g. a tiny ``num_hidden_layers``).
@@ -91,8 +94,11 @@ class CausalLMModule(pl.LightningModule):
     def parallelize(self, parallel_mesh: ParallelMesh | None, fsdp_config: FSDPConfig | None) -> None:
         """Build, shard and load the model (also the entry point for Fabric's ``VeOmniFabricStrategy``)."""
         hp = self.hparams
-        self._source = resolve_model_source(hp.model, gguf_file=hp.gguf_file)
-        config = load_config(self._source, overrides=hp.config_overrides)
+        if not hp.pretrained and is_model_type(hp.model):
+            config = config_from_model_type(hp.model, overrides=hp.config_overrides)
+        else:
+            self._source = resolve_model_source(hp.model, gguf_file=hp.gguf_file)
+            config = load_config(self._source, overrides=hp.config_overrides)
         check_supported_causal_lm(config)
         if parallel_mesh is not None:
             text = getattr(config, "text_config", config)

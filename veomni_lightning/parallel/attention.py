@@ -210,8 +210,9 @@ def ulysses_attention(
     ``query`` is ``[B, Hq, S_local, D]`` and ``key``/``value`` ``[B, Hkv, S_local, D]``, already rotated, each rank
     holding its contiguous slice of the sequence. Returns ``([B, S_local, Hq, D], None)``. With sp > 1 the heads
     are exchanged for the sequence (all-to-all), attention runs on the full sequence with ``Hq / sp`` local heads,
-    and the result is exchanged back. ``Hq`` must divide by sp; when ``Hkv`` does not, key/value heads are repeated
-    up to ``lcm(Hkv, sp)`` (interleaved, so every query head keeps its GQA partner).
+    and the result is exchanged back. When ``Hkv`` does not divide by sp, key/value heads are repeated up to
+    ``lcm(Hkv, sp)`` (interleaved, so every query head keeps its GQA partner); when ``Hq`` does not, heads are padded
+    with zero heads (see :func:`_pad_heads`).
     """
     if attention_mask is not None:
         raise ValueError(
@@ -229,11 +230,8 @@ def ulysses_attention(
     num_heads, num_kv_heads = query.shape[1], key.shape[1]
     if sp > 1:
         if num_heads % sp:
-            raise ValueError(
-                f"Ulysses sp={sp} must divide the number of attention heads ({num_heads}); "
-                f"choose an sp that divides {num_heads}."
-            )
-        if num_kv_heads % sp:
+            query, key, value = _pad_heads(query, key, value, sp)
+        elif num_kv_heads % sp:
             # Repeat each kv head so the count becomes lcm(Hkv, sp): divisible by sp, and still a divisor of Hq.
             rep = math.lcm(num_kv_heads, sp) // num_kv_heads
             key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
@@ -247,7 +245,24 @@ def ulysses_attention(
     fn = _select_kernel(kernel, q)
     out = fn(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window)
     # [B, S_full, Hq/sp, D] -> [B, S_local, Hq, D], the layout HF's attention modules expect back.
-    return heads_to_seq(out, sp_group, seq_dim=1, head_dim=2), None
+    out = heads_to_seq(out, sp_group, seq_dim=1, head_dim=2)
+    return (out[:, :, :num_heads] if out.shape[2] != num_heads else out), None
+
+
+def _pad_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sp: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Make ``Hq`` divisible by sp (e.g. SmolLM2's 9 heads at sp=2): one kv head per query head, zero heads appended.
+
+    A zero query against zero keys/values yields a zero output (uniform weights over zero values) and no gradient
+    to real heads; the padded heads are sliced off after the exchange back. The cost is ``ceil(Hq/sp)·sp / Hq`` of the
+    attention work and un-grouped kv in the all-to-all, so a divisible sp stays the faster choice.
+    """
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    if num_kv_heads != num_heads:
+        key, value = (t.repeat_interleave(num_heads // num_kv_heads, dim=1) for t in (key, value))
+    pad = (-num_heads) % sp
+    return tuple(F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (query, key, value))
 
 
 def _no_dense_mask(*args: Any, **kwargs: Any) -> None:

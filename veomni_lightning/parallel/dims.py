@@ -16,6 +16,7 @@ name                    dims                               used for
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -82,20 +83,23 @@ class ParallelDims:
         return self.dp_shard * self.sp
 
     def validate_attention(self, num_heads: int, num_kv_heads: int) -> None:
-        """Check that Ulysses can split the attention heads; raise a clear error otherwise.
+        """Check that the model's heads are consistent; raise a clear error otherwise.
 
-        Query heads must divide by ``sp``. Key/value heads need not: when ``num_kv_heads`` is not a multiple of
-        ``sp`` they are repeated up to ``lcm(num_kv_heads, sp)``, which must still divide ``num_heads``.
+        Ulysses handles any head count: key/value heads are repeated when ``num_kv_heads`` does not divide by ``sp``
+        and query heads are zero-padded when ``num_heads`` does not (slower, so a divisible ``sp`` is better).
         """
-        if self.sp == 1:
-            return
-        if num_heads % self.sp:
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ParallelLayoutError(
-                f"sp={self.sp} does not divide the model's {num_heads} attention heads. Ulysses splits heads across "
-                f"the SP group: choose an sp that divides {num_heads}."
+                f"the model's num_attention_heads ({num_heads}) is not a positive multiple of num_key_value_heads "
+                f"({num_kv_heads}); the config is inconsistent."
             )
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ParallelLayoutError(f"num_heads ({num_heads}) is not a multiple of num_kv_heads ({num_kv_heads}).")
+        if self.sp > 1 and num_heads % self.sp:
+            warnings.warn(
+                f"sp={self.sp} does not divide the model's {num_heads} attention heads: Ulysses pads to "
+                f"{-(-num_heads // self.sp) * self.sp} heads, wasting some attention work. An sp dividing {num_heads} "
+                "is faster.",
+                stacklevel=2,
+            )
 
     def build_mesh(self, device_type: str) -> ParallelMesh:
         """Build the device mesh (a collective-free call on every rank after the process group is up)."""
