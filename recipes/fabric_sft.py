@@ -40,11 +40,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from veomni_lightning.strategies import VeOmniFabricStrategy
 
 from veomni_lightning.data import TextDataModule
 from veomni_lightning.modules import CausalLMModule
-from veomni_lightning.modules.causal_lm import clip_grad_norm, warmup_cosine
+from veomni_lightning.modules.causal_lm import clip_grad_norm
+from veomni_lightning.strategies import VeOmniFabricStrategy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,11 +88,9 @@ def train(args: argparse.Namespace) -> list[float]:
     model = fabric.setup(module)  # -> module.parallelize(mesh, fsdp_config): build on meta, shard, load weights
 
     # Trainer-less, the module cannot know the schedule's horizon: take its AdamW, build the schedule from --steps.
-    optimizer = fabric.setup_optimizers(module.configure_optimizers()["optimizer"])
+    optimizer, scheduler = module.build_optimizer(total_steps=args.steps)
+    optimizer = fabric.setup_optimizers(optimizer)
     hp = module.hparams
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, args.steps, hp.min_lr_ratio)
-    )
 
     dm = TextDataModule(
         train_files=args.train_files,
@@ -135,7 +133,7 @@ def train(args: argparse.Namespace) -> list[float]:
         scheduler.step()
 
         state["step"] = dm.consumed_steps = step + 1
-        loss = float(module._reduce_loss_sum(loss_sum) / n_tokens)  # sum over dp × sp, mean over global tokens
+        loss = float(module.global_mean_loss(loss_sum, n_tokens))  # sum over dp × sp, mean over global tokens
         losses.append(loss)
         now = time.perf_counter()
         fabric.print(

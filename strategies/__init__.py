@@ -5,6 +5,7 @@ Importing this package registers ``"veomni"`` in Lightning's StrategyRegistry, s
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
+
 from veomni_lightning.strategies.fabric import VeOmniFabricStrategy
 from veomni_lightning.strategies.trainer import VeOmniStrategy
 

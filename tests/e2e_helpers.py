@@ -112,10 +112,10 @@ def fit_tiny(
     """Train a tiny model with the real Trainer + VeOmniStrategy + CausalLMModule + TextDataModule on CPU (fp32)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from veomni_lightning.strategies import VeOmniStrategy
 
     from veomni_lightning.data import TextDataModule
     from veomni_lightning.modules import CausalLMModule
+    from veomni_lightning.strategies import VeOmniStrategy
 
     recorder = MetricsRecorder()
     callbacks: list[Any] = [recorder]

@@ -51,8 +51,14 @@ def _run_layouts(rank: int, world: int, assets: dict, layouts: list) -> dict:
                     continue  # HSDP: one case is enough to prove the replicate dim
                 accum = GLOBAL_MICRO_BATCHES // _dp(world, sp)
                 _, _, losses, norms = fit_tiny(
-                    assets[family], assets["tokenizer"], assets["data"], devices=world, sp=sp,
-                    dp_replicate=dp_rep, grad_accum=accum, activation_checkpointing=ac,
+                    assets[family],
+                    assets["tokenizer"],
+                    assets["data"],
+                    devices=world,
+                    sp=sp,
+                    dp_replicate=dp_rep,
+                    grad_accum=accum,
+                    activation_checkpointing=ac,
                 )
                 results[f"{name}/{family}/ac={ac}"] = {"losses": losses, "grad_norms": norms}
     return results
@@ -74,8 +80,13 @@ def _plain_hf_first_step(assets: dict, family: str) -> dict:
 
     from veomni_lightning.data import TextDataModule
 
-    dm = TextDataModule(train_files=[assets["data"]], tokenizer=assets["tokenizer"], micro_batch_tokens=128,
-                        grad_accum_steps=GLOBAL_MICRO_BATCHES, seed=0)
+    dm = TextDataModule(
+        train_files=[assets["data"]],
+        tokenizer=assets["tokenizer"],
+        micro_batch_tokens=128,
+        grad_accum_steps=GLOBAL_MICRO_BATCHES,
+        seed=0,
+    )
     dm.setup("fit")
     step = next(iter(dm.train_dataloader()))
     model = AutoModelForCausalLM.from_pretrained(assets[family], attn_implementation="eager", dtype=torch.float32)

@@ -8,6 +8,7 @@ global batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -121,18 +122,28 @@ class CausalLMModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW without decay on 1-D parameters, linear warm-up then cosine decay, stepped every optimizer step."""
+        """Lightning hook: :meth:`build_optimizer` over the Trainer's total number of steps."""
+        optimizer, scheduler = self.build_optimizer(self._total_steps())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def build_optimizer(self, total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW without decay on 1-D parameters, and linear warm-up then cosine decay over ``total_steps``.
+
+        Shared by ``configure_optimizers`` (Trainer) and Fabric loops, which pass their own step count.
+        """
         hp = self.hparams
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = next(self.model.parameters()).device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
-        total = self._total_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+            optimizer,
+            functools.partial(
+                warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps, min_ratio=hp.min_lr_ratio
+            ),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer, scheduler
 
     def _total_steps(self) -> int:
         trainer = self._trainer
@@ -167,11 +178,12 @@ class CausalLMModule(pl.LightningModule):
             dist.all_reduce(count, group=self.parallel_mesh["dp"].get_group())
         return count.clamp_min(1.0)
 
-    def _reduce_loss_sum(self, loss_sum: torch.Tensor) -> torch.Tensor:
+    def global_mean_loss(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+        """Token-mean loss of the global batch from this rank's summed loss (reduced over dp × sp; for logging)."""
         loss_sum = loss_sum.detach().to(torch.float64)
         if self.parallel_mesh is not None and dist.get_world_size(self.parallel_mesh.loss_group) > 1:
             dist.all_reduce(loss_sum, group=self.parallel_mesh.loss_group)
-        return loss_sum
+        return (loss_sum / n_tokens).float()
 
     def training_step(self, step_batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
         """One optimizer step over this rank's micro-batches (gradient accumulation inside the step)."""
@@ -187,7 +199,7 @@ class CausalLMModule(pl.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        loss = (self._reduce_loss_sum(accumulated) / n_tokens).float()
+        loss = self.global_mean_loss(accumulated, n_tokens)
         self._log_step(loss, grad_norm, step_batch)
         return loss
 
@@ -244,7 +256,7 @@ class CausalLMModule(pl.LightningModule):
         export_hf_folder(self.model.hf_model, out_dir, tokenizer=tokenizer)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps

@@ -1,0 +1,218 @@
+"""The chunked fused cross-entropy against a float64 reference, and the packaging of the repo-root ``kernels`` folder.
+
+``kernels/`` (repo root) is installed as ``veomni_lightning.kernels`` but, with the repo root on ``sys.path``, is also
+importable as a top-level ``kernels`` package: the name of Hugging Face's kernels library, which transformers probes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from veomni_lightning.kernels.cross_entropy import linear_cross_entropy
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _reference(hidden, weight, labels, bias=None):
+    """Float64 sum of token losses and its gradients w.r.t. hidden / weight / bias."""
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    b = bias.detach().double().requires_grad_(True) if bias is not None else None
+    logits = h.reshape(-1, h.shape[-1]) @ w.T
+    if b is not None:
+        logits = logits + b
+    loss = F.cross_entropy(logits, labels.reshape(-1), ignore_index=-100, reduction="sum")
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _ours(hidden, weight, labels, bias=None, **kwargs):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    loss = linear_cross_entropy(h, w, labels, b, **kwargs)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _inputs(shape, hidden_size=16, vocab=37, dtype=torch.float32, ignore_frac=0.2, seed=0, with_bias=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, hidden_size, generator=g).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
+    bias = (torch.randn(vocab, generator=g) * 0.1).to(dtype) if with_bias else None
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return hidden, weight, labels, bias
+
+
+def _assert_close(ours, ref, rtol, atol):
+    loss, gh, gw, gb = ours
+    rloss, rgh, rgw, rgb = ref
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), rloss, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gh.double(), rgh, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gw.double(), rgw, rtol=rtol, atol=atol)
+    if rgb is not None:
+        torch.testing.assert_close(gb.double(), rgb, rtol=rtol, atol=atol)
+
+
+N_TOKENS = 50
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, N_TOKENS, 64, 4096], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_matches_float64_reference_fp32(chunk_size, with_bias):
+    # chunk sizes: 1, non-dividing smaller (7, 16), equal, larger (64) and the default.
+    hidden, weight, labels, bias = _inputs((N_TOKENS,), with_bias=with_bias)
+    assert (labels == -100).any() and (labels != -100).any()
+    ours = _ours(hidden, weight, labels, bias, chunk_size=chunk_size)
+    _assert_close(ours, _reference(hidden, weight, labels, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [5, 24, 1000])
+def test_3d_inputs(chunk_size):
+    hidden, weight, labels, bias = _inputs((3, 8), with_bias=True)  # [B, S, H], 24 tokens
+    loss, gh, gw, gb = _ours(hidden, weight, labels, bias, chunk_size=chunk_size)
+    assert gh.shape == hidden.shape
+    _assert_close((loss, gh, gw, gb), _reference(hidden, weight, labels, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 4096])
+def test_all_ignored_labels_give_zero_loss_and_zero_grads(chunk_size):
+    hidden, weight, labels, bias = _inputs((2, 10), with_bias=True)
+    labels.fill_(-100)
+    loss, gh, gw, gb = _ours(hidden, weight, labels, bias, chunk_size=chunk_size)
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    for g in (gh, gw, gb):
+        assert g is not None and torch.count_nonzero(g) == 0
+
+
+def test_custom_ignore_index():
+    hidden, weight, labels, _ = _inputs((20,), ignore_frac=0.0)
+    labels[::3] = 0  # treat token id 0 as ignored
+    loss = linear_cross_entropy(hidden, weight, labels, chunk_size=6, ignore_index=0)
+    keep = labels != 0
+    ref = F.cross_entropy(hidden[keep].double() @ weight.double().T, labels[keep], reduction="sum")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_frozen_weight():
+    hidden, weight, labels, _ = _inputs((N_TOKENS,))
+    ref = _reference(hidden, weight, labels)[0]
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, chunk_size=7)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    # Only hidden requires grad (frozen lm_head).
+    h = hidden.clone().requires_grad_(True)
+    linear_cross_entropy(h, weight, labels, chunk_size=7).backward()
+    torch.testing.assert_close(h.grad.double(), _reference(hidden, weight, labels)[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 4096])
+def test_bf16_inputs_within_tolerance(chunk_size):
+    # bf16 has an 8-bit mantissa (~4e-3 relative): the logits are bf16 matmul outputs, the loss is summed in fp32.
+    # Stated tolerance: loss within 1% relative, grads within 2e-2 absolute + 5% relative of the float64 reference
+    # computed from the same (bf16-rounded) inputs.
+    hidden, weight, labels, bias = _inputs((4, 16), hidden_size=32, vocab=64, dtype=torch.bfloat16, with_bias=True)
+    loss, gh, gw, gb = _ours(hidden, weight, labels, bias, chunk_size=chunk_size)
+    assert loss.dtype == torch.float32
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    rloss, rgh, rgw, rgb = _reference(hidden, weight, labels, bias)
+    torch.testing.assert_close(loss.double(), rloss, rtol=1e-2, atol=1e-2)
+    for g, r in ((gh, rgh), (gw, rgw), (gb, rgb)):
+        torch.testing.assert_close(g.double(), r, rtol=5e-2, atol=2e-2)
+
+
+def test_shape_mismatch_raises():
+    hidden, weight, labels, _ = _inputs((2, 8))
+    with pytest.raises(ValueError, match=r"labels shape \(2, 7\) does not match hidden states \(2, 8\)"):
+        linear_cross_entropy(hidden, weight, labels[:, :7])
+    with pytest.raises(ValueError, match="does not match"):
+        linear_cross_entropy(hidden, weight, labels.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# packaging: the repo-root ``kernels`` folder and the setuptools package-dir mapping
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _run_python(code: str, cwd: Path, timeout: float = 120) -> dict:
+    """Run ``code`` in a fresh interpreter with ``cwd`` first on sys.path (``python -c`` puts '' there); it prints
+    one JSON line last."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_repo_root_kernels_is_harmless_and_not_hf_kernels():
+    result = _run_python(
+        """
+        import json, sys, importlib.util
+        before = set(sys.modules)
+        import kernels
+        new = sorted(set(sys.modules) - before)
+        spec = importlib.util.find_spec("kernels")
+        from transformers.utils.import_utils import is_kernels_available
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM
+        import torch
+        cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1)
+        model = LlamaForCausalLM(cfg)
+        out = model(torch.randint(0, 64, (1, 5)))
+        print(json.dumps({
+            "file": kernels.__file__,
+            "new_modules": new,
+            "has_version": hasattr(kernels, "__version__"),
+            "spec_origin": spec.origin,
+            "kernels_available": is_kernels_available(),
+            "logits_shape": list(out.logits.shape),
+        }))
+        """,
+        cwd=REPO,
+    )
+    assert Path(result["file"]).resolve() == (REPO / "kernels" / "__init__.py").resolve()
+    assert result["new_modules"] == ["kernels"], f"importing kernels pulled in {result['new_modules']}"
+    assert not any(m.startswith(("torch", "veomni_lightning", "transformers")) for m in result["new_modules"])
+    assert not result["has_version"]
+    assert result["kernels_available"] is False
+    assert result["logits_shape"] == [1, 5, 64]
+
+
+def test_installed_packages_import_from_outside_the_repo(tmp_path):
+    result = _run_python(
+        """
+        import json, importlib.util
+        import veomni_lightning.kernels, veomni_lightning.strategies
+        from veomni_lightning.kernels.cross_entropy import linear_cross_entropy
+        from veomni_lightning.strategies import VeOmniStrategy, VeOmniFabricStrategy
+        from veomni_lightning.strategies.checkpoint_io import write_atomically
+        print(json.dumps({
+            "kernels_file": veomni_lightning.kernels.__file__,
+            "strategies_file": veomni_lightning.strategies.__file__,
+            "top_strategies": importlib.util.find_spec("strategies") is not None,
+            "top_kernels": importlib.util.find_spec("kernels") is not None,
+        }))
+        """,
+        cwd=tmp_path,
+    )
+    # The setuptools package-dir mapping points the installed names at the repo-root folders.
+    assert Path(result["kernels_file"]).resolve().parent.name == "kernels"
+    assert Path(result["strategies_file"]).resolve().parent.name == "strategies"
+    assert not result["top_strategies"], "a top-level `strategies` module is importable outside the repo"
+    assert not result["top_kernels"], "a top-level `kernels` module is importable outside the repo"
