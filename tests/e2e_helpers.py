@@ -122,6 +122,7 @@ def fit_tiny(
     lr: float = 1e-3,
     accelerator: str = "cpu",
     param_dtype: str = "fp32",
+    **strategy_options: Any,
 ) -> tuple[Any, Any, list[float], list[float]]:
     """Train a tiny model with the real Trainer + VeOmniStrategy + CausalLMModule + TextDataModule (CPU fp32 default)."""
     import lightning.pytorch as pl
@@ -140,6 +141,7 @@ def fit_tiny(
         dp_replicate_size=dp_replicate,
         param_dtype=param_dtype,
         activation_checkpointing=activation_checkpointing,
+        **strategy_options,
     )
     trainer = pl.Trainer(
         accelerator=accelerator,

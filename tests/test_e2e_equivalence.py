@@ -21,7 +21,9 @@ from e2e_helpers import fit_tiny, save_tiny_model, save_tokenizer, write_text_js
 MODELS = ("qwen3", "llama")
 GLOBAL_MICRO_BATCHES = 4
 # (name, world size, sp, dp_replicate); dp_shard is inferred
-LAYOUTS_2 = [("dp2", 2, 1, 1), ("sp2", 2, 2, 1)]
+LAYOUTS_2 = [("dp2", 2, 1, 1), ("sp2", 2, 2, 1), ("sp2_keep_gathered", 2, 2, 1)]
+# Strategy options per layout (default: ZeRO-3 resharding). CPU offload needs a GPU: tests/test_gpu.py covers it.
+OPTIONS = {"sp2_keep_gathered": {"reshard_after_forward": False}}
 LAYOUTS_4 = [("dp2_sp2", 4, 2, 1), ("sp4", 4, 4, 1), ("hsdp2_sp2", 4, 2, 2)]
 
 
@@ -47,8 +49,8 @@ def _run_layouts(rank: int, world: int, assets: dict, layouts: list) -> dict:
     for name, _, sp, dp_rep in layouts:
         for family in MODELS:
             for ac in (False, True):
-                if name == "hsdp2_sp2" and (family != "qwen3" or ac):
-                    continue  # HSDP: one case is enough to prove the replicate dim
+                if name in ("hsdp2_sp2", "sp2_keep_gathered") and (family != "qwen3" or ac):
+                    continue  # one case is enough to prove the replicate dim / the FSDP options
                 accum = GLOBAL_MICRO_BATCHES // _dp(world, sp)
                 _, _, losses, norms = fit_tiny(
                     assets[family],
@@ -59,6 +61,7 @@ def _run_layouts(rank: int, world: int, assets: dict, layouts: list) -> dict:
                     dp_replicate=dp_rep,
                     grad_accum=accum,
                     activation_checkpointing=ac,
+                    **OPTIONS.get(name, {}),
                 )
                 results[f"{name}/{family}/ac={ac}"] = {"losses": losses, "grad_norms": norms}
     return results
@@ -142,7 +145,7 @@ def _assert_equal_runs(got: dict, ref: dict, label: str) -> None:
 
 @pytest.mark.parametrize("ac", [False, True], ids=["ac_off", "ac_on"])
 @pytest.mark.parametrize("family", MODELS)
-@pytest.mark.parametrize("layout", [name for name, *_ in LAYOUTS_2])
+@pytest.mark.parametrize("layout", ["dp2", "sp2"])
 def test_world2_equals_single_process(world2, reference, layout, family, ac):
     key = f"{layout}/{family}/ac={ac}"
     for rank_results in world2:  # every rank logs the same global loss
@@ -156,6 +159,13 @@ def test_world4_equals_single_process(world4, reference, layout, family, ac):
     key = f"{layout}/{family}/ac={ac}"
     for rank_results in world4:
         _assert_equal_runs(rank_results[key], reference[family], key)
+
+
+def test_fsdp_options_equal_single_process(world2, reference):
+    """reshard_after_forward=False changes memory and communication, not numbers."""
+    key = "sp2_keep_gathered/qwen3/ac=False"
+    for rank_results in world2:
+        _assert_equal_runs(rank_results[key], reference["qwen3"], key)
 
 
 def test_hsdp_equals_single_process(world4, reference):

@@ -44,7 +44,7 @@ def assets(tmp_path_factory) -> dict:
 def _gpu_worker(rank: int, world: int, assets: dict, layouts: list) -> dict:
     torch.cuda.set_device(rank)
     out = {}
-    for name, sp in layouts:
+    for name, sp, *options in layouts:
         accum = GLOBAL_MICRO_BATCHES // (world // sp)
         _, _, losses, norms = fit_tiny(
             assets["model"],
@@ -58,6 +58,7 @@ def _gpu_worker(rank: int, world: int, assets: dict, layouts: list) -> dict:
             accelerator="cuda",
             param_dtype="bf16",
             lr=3e-4,
+            **(options[0] if options else {}),
         )
         out[name] = {"losses": losses, "grad_norms": norms}
     return out
@@ -81,3 +82,14 @@ def test_two_gpus_nccl_bf16_equal_single_gpu(assets, single_gpu, layout, sp):
             torch.tensor(got["grad_norms"]), torch.tensor(single_gpu["grad_norms"]), rtol=1e-2, atol=0
         )
     assert single_gpu["losses"][-1] < single_gpu["losses"][0]
+
+
+def test_cpu_offload_and_checkpointing_equal_single_gpu(assets, single_gpu):
+    """CPU offload and activation checkpointing change where memory lives, not the numbers."""
+    options = {"cpu_offload": True, "activation_checkpointing": True}
+    got = run_distributed(_gpu_worker, 1, assets, [("offload", 1, options)], init_process_group=False)[0]["offload"]
+    print("offload losses", got["losses"], "single", single_gpu["losses"])
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single_gpu["losses"]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(got["grad_norms"]), torch.tensor(single_gpu["grad_norms"]), rtol=1e-2, atol=0
+    )

@@ -86,6 +86,11 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, config: FSDPConfig) -> None:
     """``fully_shard`` every block, then the root (which owns what is left: embeddings, final norm, lm_head)."""
+    if config.cpu_offload and mesh.device_type == "cpu":
+        raise ValueError(
+            "cpu_offload moves sharded weights and optimizer state from the GPU to CPU memory; training on CPU keeps "
+            "them there already. Set cpu_offload=false (or train on GPUs)."
+        )
     common = dict(
         mesh=mesh,
         mp_policy=config.mixed_precision(),
