@@ -182,10 +182,10 @@ def _main_config_in(tmp: Path) -> tuple[Path, Path, Path, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_readme_main_job(tmp_path):
     config_path, logs, ckpts, hf = _main_config_in(tmp_path)
-    proc = _run_cli(["fit", "--config", str(config_path), "--trainer.enable_progress_bar", "false"], tmp_path, 600)
+    proc = _run_cli(["fit", "--config", str(config_path), "--trainer.enable_progress_bar", "false"], tmp_path, 900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert not (tmp_path / "outputs").exists()
 
