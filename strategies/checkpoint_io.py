@@ -24,8 +24,9 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, rank: int, ba
     """Call ``write(tmp_path)`` on every rank, then move ``tmp_path`` to ``path`` replacing what was there.
 
     ``barrier`` must synchronise all ranks; it is called so that rank 0 only swaps after every shard is written.
-    If ``write`` raises on any rank, that rank re-raises and ``path`` is left untouched (the other ranks are then
-    stuck at the barrier until the process group's timeout, as with any failed collective).
+    If ``write`` raises on any rank, that rank removes the partial temporary path and re-raises; ``path`` is left
+    untouched (the other ranks then wait at the barrier until the process group's timeout, as with any failed
+    collective).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -34,7 +35,11 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, rank: int, ba
         _remove(tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        _remove(tmp)  # a partial shard folder must not linger next to the good checkpoint
+        raise
     barrier()
     if rank == 0:
         _remove(old)

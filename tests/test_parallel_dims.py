@@ -337,12 +337,6 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, kind):
     assert _leftovers(path.parent) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG strategies/checkpoint_io.py write_atomically: when write(tmp) raises, the partial '<path>.tmp' "
-    "file/folder is not removed (only the *next* save removes it), so a failed save leaves a partial checkpoint "
-    "(possibly a large DCP folder) next to the good one.",
-)
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_failed_write_leaves_no_tmp_leftovers(tmp_path, kind):
     path = tmp_path / "last.ckpt"

@@ -173,7 +173,8 @@ class CausalLMModule(pl.LightningModule):
         SP ranks hold the same micro-batches, so the count is reduced over ``dp`` only, never ``dp × sp``.
         """
         local = sum(int(mb["num_loss_tokens"]) for mb in step_batch)
-        count = torch.tensor(float(local), device=self.device, dtype=torch.float64)
+        # torch.full launches a fill kernel; torch.tensor would copy from host and wait for the GPU queue.
+        count = torch.full((), float(local), device=self.device, dtype=torch.float64)
         if self.parallel_mesh is not None and self.parallel_mesh.dp_size > 1:
             dist.all_reduce(count, group=self.parallel_mesh["dp"].get_group())
         return count.clamp_min(1.0)
@@ -230,7 +231,7 @@ class CausalLMModule(pl.LightningModule):
         """Accumulate summed loss and token count; the token mean is reduced and logged at epoch end."""
         loss_sum = sum(self.loss_sum(mb).detach().double() for mb in step_batch)
         tokens = float(sum(int(mb["num_loss_tokens"]) for mb in step_batch))
-        self._val_sums.append(torch.stack([loss_sum, torch.tensor(tokens, device=self.device, dtype=torch.float64)]))
+        self._val_sums.append(torch.stack([loss_sum, torch.full((), tokens, device=self.device, dtype=torch.float64)]))
 
     def on_validation_epoch_end(self) -> None:
         sums = (
