@@ -301,11 +301,22 @@ def is_model_type(name: str) -> bool:
 
 
 def _apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
-    for key, value in (overrides or {}).items():
-        if not hasattr(config, key):
-            raise AttributeError(f"config override {key!r}: {type(config).__name__} has no such attribute.")
-        setattr(config, key, value)
+    """Rebuild ``config`` with ``overrides`` so that fields derived in ``__init__`` follow them.
+
+    Setting attributes afterwards would leave derived fields stale: e.g. ``layer_types`` keeps the old layer count
+    when ``num_hidden_layers`` changes, and building the model then fails or mis-assigns attention types.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    if unknown:
+        raise AttributeError(
+            f"config overrides {unknown}: {type(config).__name__} has no such attributes (check the spelling; "
+            "transformers 5 keeps RoPE settings under 'rope_parameters')."
+        )
     # Converted or fine-tuned folders sometimes carry a quantization section that would make transformers quantize.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    return config
+    data = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    if overrides:
+        if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+            data.pop("layer_types", None)  # re-derived by the constructor for the new depth
+        data.update(overrides)
+    return type(config).from_dict(data)

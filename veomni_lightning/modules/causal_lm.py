@@ -111,8 +111,9 @@ class CausalLMModule(pl.LightningModule):
             parallelize_model(hf_model, root, parallel_mesh.fsdp_mesh, fsdp_config or FSDPConfig())
         elif fsdp_config is not None and fsdp_config.activation_checkpointing:
             apply_activation_checkpointing(hf_model)
-        device = _local_device(parallel_mesh)
-        materialize_model(hf_model, device)
+        offload = parallel_mesh is not None and fsdp_config is not None and fsdp_config.cpu_offload
+        # With CPU offload FSDP2 keeps the sharded parameters (and so the optimizer state) in CPU memory.
+        materialize_model(hf_model, torch.device("cpu") if offload else _local_device(parallel_mesh))
         if hp.pretrained:
             load_pretrained_weights(hf_model, self._source)
         else:
