@@ -95,6 +95,13 @@ class VeOmniStrategy(ModelParallelStrategy):
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
+    @override
+    def model_to_device(self) -> None:
+        # configure_model already put every shard where FSDP2 wants it; with CPU offload that is CPU memory, and
+        # Lightning's blanket ``model.to(root_device)`` would move the root's shards to the GPU and break offloading.
+        if not self.fsdp_config.cpu_offload:
+            super().model_to_device()
+
     @property
     @override
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
