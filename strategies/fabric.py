@@ -12,10 +12,11 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch import nn
 from typing_extensions import override
 
-from veomni_lightning.parallel.dims import ParallelDims, ParallelMesh
+from veomni_lightning.parallel.dims import ParallelMesh
 from veomni_lightning.parallel.fsdp import DTypeName, FSDPConfig
 
 from .checkpoint_io import write_atomically
+from .mesh_mixin import ParallelMeshMixin
 
 __all__ = ["VeOmniFabricStrategy"]
 
@@ -31,7 +32,7 @@ def _call_module_parallelize(module: nn.Module, strategy: VeOmniFabricStrategy) 
     return module
 
 
-class VeOmniFabricStrategy(ModelParallelStrategy):
+class VeOmniFabricStrategy(ParallelMeshMixin, ModelParallelStrategy):
     """Fabric strategy building the same mesh as :class:`~veomni_lightning.strategies.VeOmniStrategy`.
 
     ``fabric.setup(module)`` calls ``parallelize_fn(module, parallel_mesh, fsdp_config)``; by default that is the
@@ -67,43 +68,24 @@ class VeOmniFabricStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self.dp_replicate_size = dp_replicate_size
-        self.sp_size = sp_size
-        self.ep_size = ep_size
-        self.fsdp_config = FSDPConfig(
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            reshard_after_forward=reshard_after_forward,
-            activation_checkpointing=activation_checkpointing,
-            cpu_offload=cpu_offload,
+        self._init_parallel(
+            dp_replicate_size,
+            sp_size,
+            ep_size,
+            param_dtype,
+            reduce_dtype,
+            reshard_after_forward,
+            activation_checkpointing,
+            cpu_offload,
         )
-        self._parallel_mesh: ParallelMesh | None = None
-
-    @property
-    def parallel_mesh(self) -> ParallelMesh:
-        """The mesh with its named sub-meshes; available after ``fabric.launch()``."""
-        if self._parallel_mesh is None:
-            raise RuntimeError("The parallel mesh is built when Fabric launches; call fabric.launch() first.")
-        return self._parallel_mesh
 
     @override
     def setup_environment(self) -> None:
         # ParallelStrategy's setup (device selection); ModelParallelStrategy's own would build its 2-D TP mesh.
         super(ModelParallelStrategy, self).setup_environment()
-        dims = ParallelDims(
-            world_size=self.num_nodes * self.num_processes,
-            dp_replicate=self.dp_replicate_size,
-            sp=self.sp_size,
-            ep=self.ep_size,
-        )
+        dims = self._validated_dims()
         self._setup_distributed()
-        self._parallel_mesh = dims.build_mesh(self.root_device.type)
-        self._device_mesh = self._parallel_mesh.mesh
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.parallel_mesh.dp_size, "rank": self.parallel_mesh.dp_rank}
+        self._build_mesh(dims)
 
     @override
     def save_checkpoint(

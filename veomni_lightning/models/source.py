@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import shutil
 import time
@@ -27,9 +26,10 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from veomni_lightning.paths import PACKAGE_PREFIX, resolve_path
+
 __all__ = ["ModelSource", "resolve_model_source", "resolve_package_path", "load_config"]
 
-PACKAGE_PREFIX = "package:"
 # Bump when the conversion output changes, so stale cached folders are not reused.
 _GGUF_CONVERSION_VERSION = "1"
 
@@ -53,37 +53,11 @@ class ModelSource:
 
 
 def resolve_package_path(spec: str) -> Path:
-    """Turn ``package:<pkg>/<relative path>`` into an absolute path inside the installed package.
-
-    The package is located without being imported; a missing package raises ``ModuleNotFoundError`` naming the pip
-    package to install, a missing file inside it raises ``FileNotFoundError``.
-    """
+    """Turn ``package:<pkg>/<relative path>`` into an absolute path inside the installed package (see
+    :func:`veomni_lightning.paths.resolve_path`)."""
     if not spec.startswith(PACKAGE_PREFIX):
         raise ValueError(f"not a package path (expected '{PACKAGE_PREFIX}<pkg>/<path>'): {spec!r}")
-    rest = spec[len(PACKAGE_PREFIX) :].strip("/")
-    pkg, _, rel = rest.partition("/")
-    if not pkg:
-        raise ValueError(f"package path {spec!r} names no package; expected '{PACKAGE_PREFIX}<pkg>/<path>'.")
-    try:
-        found = importlib.util.find_spec(pkg)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
-        pip_name = pkg.replace("_", "-")
-        raise ModuleNotFoundError(
-            f"{spec!r} refers to the Python package {pkg!r}, which is not installed. "
-            f"Install it with `pip install {pip_name}`."
-        )
-    if found.submodule_search_locations:
-        root = Path(list(found.submodule_search_locations)[0])
-    elif found.origin:  # a single-module "package": resolve relative to the module's folder
-        root = Path(found.origin).parent
-    else:
-        raise FileNotFoundError(f"package {pkg!r} has no location on disk (namespace package without paths?).")
-    path = root / rel if rel else root
-    if not path.exists():
-        raise FileNotFoundError(f"{spec!r}: {path} does not exist in the installed package {pkg!r}.")
-    return path
+    return Path(resolve_path(spec))
 
 
 def _has_safetensors(folder: Path) -> bool:
