@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from e2e_helpers import fit_tiny, save_tiny_model, save_tokenizer, write_text_jsonl
+from e2e_helpers import fit_tiny
 
 MODELS = ("qwen3", "llama")
 GLOBAL_MICRO_BATCHES = 4
@@ -28,16 +28,8 @@ LAYOUTS_4 = [("dp2_sp2", 4, 2, 1), ("sp4", 4, 4, 1), ("hsdp2_sp2", 4, 2, 2)]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("e2e")
-    tok = save_tokenizer(root / "tokenizer")
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(tok))
-    out = {"tokenizer": str(tok), "data": str(write_text_jsonl(root / "train.jsonl"))}
-    for family in MODELS:
-        out[family] = str(save_tiny_model(root / family, family, vocab_size=vocab))
-    return out
+def assets(tiny_assets) -> dict[str, str]:
+    return tiny_assets
 
 
 def _dp(world: int, sp: int) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from e2e_helpers import fit_tiny, save_tiny_model, save_tokenizer, write_text_jsonl
+from e2e_helpers import fit_tiny
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fabric_sft.py"
 STEPS = 4
@@ -30,18 +30,8 @@ def _recipe():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("recipes")
-    tok = save_tokenizer(root / "tokenizer")
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(tok))
-    return {
-        "root": str(root),
-        "tokenizer": str(tok),
-        "data": str(write_text_jsonl(root / "train.jsonl")),
-        "model": str(save_tiny_model(root / "qwen3", "qwen3", vocab_size=vocab)),
-    }
+def assets(tiny_assets, tmp_path_factory) -> dict[str, str]:
+    return {**tiny_assets, "model": tiny_assets["qwen3"], "root": str(tmp_path_factory.mktemp("recipes"))}
 
 
 def _recipe_args(assets: dict, out: str, *extra: str) -> list[str]:

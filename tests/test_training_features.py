@@ -7,22 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 from dist_utils import run_distributed
-from e2e_helpers import fit_tiny, save_tiny_model, save_tokenizer, smollm2_gguf, write_text_jsonl
+from e2e_helpers import fit_tiny, smollm2_gguf
 
 
 @pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("features")
-    tok = save_tokenizer(root / "tokenizer")
-    from transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(tok))
-    return {
-        "root": str(root),
-        "tokenizer": str(tok),
-        "data": str(write_text_jsonl(root / "train.jsonl")),
-        "qwen3": str(save_tiny_model(root / "qwen3", "qwen3", vocab_size=vocab)),
-    }
+def assets(tiny_assets, tmp_path_factory) -> dict[str, str]:
+    return {**tiny_assets, "root": str(tmp_path_factory.mktemp("features"))}
 
 
 def _segment_loss_plain_hf(model, micro_batch: dict) -> tuple[torch.Tensor, int]:
@@ -82,8 +72,8 @@ def _resume_and_export_worker(rank: int, world: int, assets: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resume_results(tiny_assets) -> list[dict]:
-    return run_distributed(_resume_and_export_worker, 2, tiny_assets, init_process_group=False)
+def resume_results(assets) -> list[dict]:
+    return run_distributed(_resume_and_export_worker, 2, assets, init_process_group=False)
 
 
 def test_resume_continues_the_same_loss_curve(resume_results):
@@ -92,9 +82,9 @@ def test_resume_continues_the_same_loss_curve(resume_results):
         torch.testing.assert_close(torch.tensor(r["resumed"]), torch.tensor(r["full"][2:]), rtol=1e-5, atol=0)
 
 
-def test_checkpoints_are_sharded_folders_written_atomically(resume_results, tiny_assets):
+def test_checkpoints_are_sharded_folders_written_atomically(resume_results, assets):
     assert resume_results[0]["ckpts"] == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"]  # no .tmp / .old left
-    ckpt = Path(tiny_assets["root"]) / "ckpt" / "epoch=0-step=4.ckpt"
+    ckpt = Path(assets["root"]) / "ckpt" / "epoch=0-step=4.ckpt"
     assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
 
 
@@ -151,8 +141,8 @@ def smollm2_folder() -> str:
 
 
 @pytest.mark.slow
-def test_real_smollm2_sp2_matches_plain_transformers_and_fine_tunes(smollm2_folder, tiny_assets):
-    results = run_distributed(_real_model_worker, 2, smollm2_folder, tiny_assets["data"], timeout=600)
+def test_real_smollm2_sp2_matches_plain_transformers_and_fine_tunes(smollm2_folder, assets):
+    results = run_distributed(_real_model_worker, 2, smollm2_folder, assets["data"], timeout=600)
     for r in results:
         assert r["tokens"] > 100
         # SmolLM2 has 9 heads: at sp=2 Ulysses pads them to 10; the loss must still equal plain HF's.

@@ -79,6 +79,9 @@ class CausalLMModule(pl.LightningModule):
         self.automatic_optimization = False
         self.model: CausalLMWithLoss | None = None
         self.parallel_mesh: ParallelMesh | None = None
+        # Where activations and collectives live (also under Fabric, which never calls module.to(), and with CPU
+        # offload, where the parameters themselves stay in CPU memory).
+        self.compute_device = torch.device("cpu")
         self._source = None
         self._meter: ThroughputMeter | None = None
         self._flops_per_token: float | None = None
@@ -112,9 +115,15 @@ class CausalLMModule(pl.LightningModule):
         elif fsdp_config is not None and fsdp_config.activation_checkpointing:
             apply_activation_checkpointing(hf_model)
         offload = parallel_mesh is not None and fsdp_config is not None and fsdp_config.cpu_offload
+        self.compute_device = _local_device(parallel_mesh)
         # With CPU offload FSDP2 keeps the sharded parameters (and so the optimizer state) in CPU memory.
-        materialize_model(hf_model, torch.device("cpu") if offload else _local_device(parallel_mesh))
+        materialize_model(hf_model, torch.device("cpu") if offload else self.compute_device)
         if hp.pretrained:
+            if not self._source.has_weights:
+                raise ValueError(
+                    f"{hp.model!r} has a config but no safetensors weights. Point model at a folder with weights, or "
+                    "set pretrained=false to train from a random init."
+                )
             load_pretrained_weights(hf_model, self._source)
         else:
             init_random_weights(hf_model, seed=hp.init_seed)
@@ -175,7 +184,7 @@ class CausalLMModule(pl.LightningModule):
         """
         local = sum(int(mb["num_loss_tokens"]) for mb in step_batch)
         # torch.full launches a fill kernel; torch.tensor would copy from host and wait for the GPU queue.
-        count = torch.full((), float(local), device=self.device, dtype=torch.float64)
+        count = torch.full((), float(local), device=self.compute_device, dtype=torch.float64)
         if self.parallel_mesh is not None and self.parallel_mesh.dp_size > 1:
             dist.all_reduce(count, group=self.parallel_mesh["dp"].get_group())
         return count.clamp_min(1.0)
@@ -192,7 +201,7 @@ class CausalLMModule(pl.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         n_tokens = self.global_token_count(step_batch)
-        accumulated = torch.zeros((), device=self.device, dtype=torch.float32)
+        accumulated = torch.zeros((), device=self.compute_device, dtype=torch.float32)
         for micro_batch in step_batch:
             loss_sum = self.loss_sum(micro_batch)
             self.manual_backward(loss_sum / n_tokens.to(loss_sum.dtype))
@@ -210,7 +219,7 @@ class CausalLMModule(pl.LightningModule):
         self.log("train/grad_norm", grad_norm)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         if self._meter is None:
-            self._meter = ThroughputMeter(self.device)
+            self._meter = ThroughputMeter(self.compute_device)
             n_params = count_parameters(self.model)
             self._flops_per_token = flops_per_token(
                 self.model.hf_model.config, n_params, step_batch[0]["input_ids"].shape[-1]
@@ -222,23 +231,25 @@ class CausalLMModule(pl.LightningModule):
             rate = self._meter.read()
             if rate is not None:
                 self.log("train/tokens_per_s_per_device", rate, prog_bar=True)
-                peak = self.hparams.peak_tflops or device_peak_tflops(self.device)
+                peak = self.hparams.peak_tflops or device_peak_tflops(self.compute_device)
                 if peak:
                     self.log("train/mfu", self._flops_per_token * rate / (peak * 1e12))
-            if self.device.type == "cuda":
-                self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30)
+            if self.compute_device.type == "cuda":
+                self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.compute_device) / 2**30)
 
     def validation_step(self, step_batch: list[dict[str, Any]], batch_idx: int) -> None:
         """Accumulate summed loss and token count; the token mean is reduced and logged at epoch end."""
         loss_sum = sum(self.loss_sum(mb).detach().double() for mb in step_batch)
         tokens = float(sum(int(mb["num_loss_tokens"]) for mb in step_batch))
-        self._val_sums.append(torch.stack([loss_sum, torch.full((), tokens, device=self.device, dtype=torch.float64)]))
+        self._val_sums.append(
+            torch.stack([loss_sum, torch.full((), tokens, device=self.compute_device, dtype=torch.float64)])
+        )
 
     def on_validation_epoch_end(self) -> None:
         sums = (
             torch.stack(self._val_sums).sum(0)
             if self._val_sums
-            else torch.zeros(2, device=self.device, dtype=torch.float64)
+            else torch.zeros(2, device=self.compute_device, dtype=torch.float64)
         )
         self._val_sums.clear()
         if self.parallel_mesh is not None and dist.get_world_size(self.parallel_mesh.loss_group) > 1:
