@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
+from e2e_helpers import TINY
 from torch import nn
 
-from tests.dist_utils import run_distributed
 from veomni_lightning.parallel.attention import (
     ULYSSES_ATTENTION_NAMES,
     packed_attention_kwargs,
@@ -170,17 +171,7 @@ MODEL_SEGMENTS = (5, 3, 4, 4)
 def _tiny_model(model_type: str, attn: str, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        model_type,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=128,
-        **overrides,
-    )
+    cfg = AutoConfig.for_model(model_type, **{**TINY, "vocab_size": 128, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
 

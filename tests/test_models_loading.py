@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 import pytest
 import torch
 from dist_utils import run_distributed
+from e2e_helpers import TINY
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
@@ -36,14 +37,8 @@ TOKENS = torch.tensor([[1, 5, 9, 17, 33, 65, 100, 127, 3, 2]])
 def _tiny_config(kind: str, tied: bool):
     cls = {"qwen3": Qwen3Config, "llama": LlamaConfig}[kind]
     return cls(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
+        **{**TINY, "max_position_embeddings": 64},
         vocab_size=128,
-        max_position_embeddings=64,
         tie_word_embeddings=tied,
         dtype="float32",
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from dist_utils import run_distributed
 
-from tests.dist_utils import run_distributed
 from veomni_lightning.parallel.ulysses import (
     gather_from_ranks,
     heads_to_seq,
