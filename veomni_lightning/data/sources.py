@@ -79,8 +79,11 @@ def expand_files(paths: Iterable[str], what: str) -> list[str]:
     return out
 
 
-def _iter_json_lines(path: str) -> Iterator[tuple[Any, RowLocation]]:
-    # Binary read + per-line decode so that a bad byte is reported at its line instead of killing the whole file.
+def _decoded_lines(path: str) -> Iterator[tuple[str | DataError, RowLocation]]:
+    """Non-blank lines with their location; a line that is not UTF-8 becomes a DataError at that line.
+
+    Binary read + per-line decode so that a bad byte is reported at its line instead of killing the whole file.
+    """
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             loc = RowLocation(path, lineno)
@@ -89,32 +92,30 @@ def _iter_json_lines(path: str) -> Iterator[tuple[Any, RowLocation]]:
             except UnicodeDecodeError as e:
                 yield DataError(f"{loc}: not valid UTF-8 ({e}). Fix: re-encode the file as UTF-8."), loc
                 continue
-            if not line.strip():
-                continue  # blank lines (often a trailing newline) are not rows
-            try:
-                yield json.loads(line), loc
-            except json.JSONDecodeError as e:
-                yield (
-                    DataError(
-                        f"{loc}: invalid JSON ({e.msg} at column {e.colno}). Fix: each line must be one complete "
-                        f"JSON object (JSON Lines); a pretty-printed or array-style .json file must be converted."
-                    ),
-                    loc,
-                )
+            if line.strip():  # blank lines (often a trailing newline) are not rows
+                yield line, loc
+
+
+def _iter_json_lines(path: str) -> Iterator[tuple[Any, RowLocation]]:
+    for line, loc in _decoded_lines(path):
+        if isinstance(line, DataError):
+            yield line, loc
+            continue
+        try:
+            yield json.loads(line), loc
+        except json.JSONDecodeError as e:
+            yield (
+                DataError(
+                    f"{loc}: invalid JSON ({e.msg} at column {e.colno}). Fix: each line must be one complete "
+                    f"JSON object (JSON Lines); a pretty-printed or array-style .json file must be converted."
+                ),
+                loc,
+            )
 
 
 def _iter_text_lines(path: str, text_key: str) -> Iterator[tuple[Any, RowLocation]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            loc = RowLocation(path, lineno)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield DataError(f"{loc}: not valid UTF-8 ({e}). Fix: re-encode the file as UTF-8."), loc
-                continue
-            line = line.strip()
-            if line:
-                yield {text_key: line}, loc
+    for line, loc in _decoded_lines(path):
+        yield (line if isinstance(line, DataError) else {text_key: line.strip()}), loc
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[Any, RowLocation]]:
