@@ -7,6 +7,7 @@ importable as a top-level ``kernels`` package: the name of Hugging Face's kernel
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -144,16 +145,91 @@ def test_shape_mismatch_raises():
         linear_cross_entropy(hidden, weight, labels.reshape(-1))
 
 
+def test_gradients_are_computed_in_forward_not_by_recomputing_the_logits():
+    # The fused loss runs the output projection once per chunk in forward and never again in backward.
+    hidden, weight, labels, _ = _inputs((N_TOKENS,))
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    calls = []
+    original = F.linear
+    try:
+        F.linear = lambda *a, **k: calls.append(1) or original(*a, **k)
+        loss = linear_cross_entropy(h, w, labels, chunk_size=16)
+        forward_calls = len(calls)
+        (loss * 0.5).backward()
+    finally:
+        F.linear = original
+    assert forward_calls == 4 and len(calls) == 4
+    ref = _reference(hidden, weight, labels)
+    torch.testing.assert_close(h.grad.double(), ref[1] * 0.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), ref[2] * 0.5, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the Triton row kernel, run on CPU by Triton's interpreter (a subprocess: TRITON_INTERPRET is read at import)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_TRITON_ROWS = """
+import json, torch
+from veomni_lightning.kernels.cross_entropy import cross_entropy_rows_torch
+from veomni_lightning.kernels.triton_cross_entropy import cross_entropy_rows_triton
+out = {}
+for dtype in (torch.float32, torch.bfloat16):
+    for n_cols in (37, 1024, 2500):  # below, at and above one block (1024 in the interpreter)
+        g = torch.Generator().manual_seed(n_cols)
+        logits = (torch.randn(9, n_cols, generator=g) * 3).to(dtype)
+        labels = torch.randint(0, n_cols, (9,), generator=g)
+        labels[[2, 5]] = -100
+        x = logits.double()
+        lse = torch.logsumexp(x, -1)
+        valid = labels != -100
+        ref_loss = (lse - x.gather(1, labels.clamp_min(0)[:, None])[:, 0]) * valid
+        ref_grad = torch.softmax(x, -1)
+        ref_grad[torch.arange(9), labels.clamp_min(0)] -= 1
+        ref_grad *= valid[:, None]
+        key = f"{dtype}-{n_cols}"
+        t = logits.clone(); loss_t = cross_entropy_rows_triton(t, labels, -100, True)
+        c = logits.clone(); loss_c = cross_entropy_rows_torch(c, labels, -100, True)
+        nograd = logits.clone(); loss_n = cross_entropy_rows_triton(nograd, labels, -100, False)
+        out[key] = {
+            "loss_err": ((loss_t.double() - ref_loss).norm() / ref_loss.norm()).item(),
+            "grad_err": ((t.double() - ref_grad).norm() / ref_grad.norm()).item(),
+            "torch_grad_err": ((c.double() - ref_grad).norm() / ref_grad.norm()).item(),
+            "ignored_rows_zero": bool((t[~valid] == 0).all()),
+            "nograd_untouched": bool(torch.equal(nograd, logits)),
+            "nograd_loss_equal": bool(torch.equal(loss_n, loss_t)),
+            "dtype_kept": str(t.dtype),
+        }
+print(json.dumps(out))
+"""
+
+
+def test_triton_row_kernel_matches_float64_in_the_interpreter(tmp_path):
+    pytest.importorskip("triton", reason="the Triton interpreter test needs triton (pip install -e '.[dev]')")
+    result = _run_python(_TRITON_ROWS, cwd=tmp_path, timeout=300, env={"TRITON_INTERPRET": "1"})
+    assert len(result) == 6
+    for key, r in result.items():
+        tol = 1e-6 if "float32" in key else 1e-2  # bf16 stores the gradient rounded to 8 mantissa bits
+        assert r["loss_err"] < 1e-6, (key, r)  # the loss is computed in fp32 from the (rounded) logits
+        assert r["grad_err"] < tol and r["torch_grad_err"] < tol, (key, r)
+        assert r["ignored_rows_zero"] and r["nograd_untouched"] and r["nograd_loss_equal"], (key, r)
+        assert r["dtype_kept"] in key
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # packaging: the repo-root ``kernels`` folder and the setuptools package-dir mapping
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _run_python(code: str, cwd: Path, timeout: float = 120) -> dict:
+def _run_python(code: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh interpreter with ``cwd`` first on sys.path (``python -c`` puts '' there); it prints
     one JSON line last."""
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

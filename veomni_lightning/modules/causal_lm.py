@@ -32,7 +32,7 @@ from veomni_lightning.models.causal_lm import CausalLMWithLoss, check_supported_
 from veomni_lightning.modules.metrics import ThroughputMeter, count_parameters, device_peak_tflops, flops_per_token
 from veomni_lightning.parallel.attention import packed_attention_kwargs
 from veomni_lightning.parallel.dims import ParallelMesh
-from veomni_lightning.parallel.fsdp import FSDPConfig, apply_activation_checkpointing, parallelize_model
+from veomni_lightning.parallel.fsdp import FSDPConfig, parallelize_model
 from veomni_lightning.parallel.sequence import shard_packed_batch
 
 __all__ = ["CausalLMModule"]
@@ -52,7 +52,9 @@ class CausalLMModule(pl.LightningModule):
         warmup_steps: linear warm-up steps; then cosine decay to ``min_lr_ratio × learning_rate`` at the last step.
         max_grad_norm: clip the global gradient norm (None: only measure it).
         init_seed: seed of random init (same weights whatever the parallel layout).
-        ce_chunk_size: tokens per chunk in the fused cross-entropy.
+        ce_chunk_size: tokens per chunk in the fused cross-entropy (peak extra memory: one chunk × vocab logits).
+        compile_blocks: ``torch.compile`` every transformer block (fuses norms, RoPE, SwiGLU and residual adds;
+            attention stays eager). Costs compile time at the first steps; see ``bench/results`` for its gain.
         peak_tflops: the device's dense peak for MFU (default: known GPUs; MFU not logged otherwise).
     """
 
@@ -72,6 +74,7 @@ class CausalLMModule(pl.LightningModule):
         max_grad_norm: float | None = 1.0,
         init_seed: int = 0,
         ce_chunk_size: int = 4096,
+        compile_blocks: bool = False,
         peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
@@ -110,10 +113,13 @@ class CausalLMModule(pl.LightningModule):
             parallel_mesh.dims.validate_attention(heads, getattr(text, "num_key_value_heads", None) or heads)
         hf_model = build_model_on_meta(config, attn_implementation=hp.attn_implementation, dtype=torch.float32)
         root = CausalLMWithLoss(hf_model, ce_chunk_size=hp.ce_chunk_size)
-        if parallel_mesh is not None:
-            parallelize_model(hf_model, root, parallel_mesh.fsdp_mesh, fsdp_config or FSDPConfig())
-        elif fsdp_config is not None and fsdp_config.activation_checkpointing:
-            apply_activation_checkpointing(hf_model)
+        parallelize_model(
+            hf_model,
+            root,
+            parallel_mesh.fsdp_mesh if parallel_mesh is not None else None,
+            fsdp_config or FSDPConfig(),
+            compile_blocks=hp.compile_blocks,
+        )
         offload = parallel_mesh is not None and fsdp_config is not None and fsdp_config.cpu_offload
         self.compute_device = _local_device(parallel_mesh)
         # With CPU offload FSDP2 keeps the sharded parameters (and so the optimizer state) in CPU memory.

@@ -187,6 +187,9 @@ def _select_kernel(kernel: str, q: torch.Tensor) -> Callable:
 # ------------------------------------------------------------------------------------------------- the HF function
 
 
+# A graph break under torch.compile: the varlen kernels take host ints and the all-to-alls are eager collectives, so
+# compiled blocks (compile_blocks) fuse what surrounds attention and call this eagerly.
+@torch.compiler.disable
 def ulysses_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

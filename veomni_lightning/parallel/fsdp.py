@@ -1,7 +1,7 @@
 """FSDP2 and activation checkpointing, applied by short explicit functions in a fixed order.
 
-Order (see :func:`parallelize_model`): activation checkpointing → ``fully_shard`` per transformer block → ``fully_shard``
-on the root → gradient reduction set to *sum*.
+Order (see :func:`parallelize_model`): activation checkpointing → ``torch.compile`` per transformer block (optional)
+→ ``fully_shard`` per transformer block → ``fully_shard`` on the root → gradient reduction set to *sum*.
 
 Why sum: the ranks of one SP group hold different tokens of the same samples, and the loss each rank back-propagates is
 already normalised by the token count of the whole global batch. The gradient of the global token mean is therefore
@@ -18,7 +18,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-__all__ = ["FSDPConfig", "find_transformer_blocks", "apply_activation_checkpointing", "apply_fsdp", "parallelize_model"]
+__all__ = [
+    "FSDPConfig",
+    "find_transformer_blocks",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "apply_fsdp",
+    "parallelize_model",
+]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTypeName = Literal["fp32", "bf16", "fp16"]
@@ -84,6 +91,26 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
+def apply_compile(blocks: list[nn.Module]) -> None:
+    """``torch.compile`` each transformer block in place (``Module.compile``: parameter names stay unchanged).
+
+    Inductor fuses the memory-bound ops around the matrix products (RMSNorm, RoPE, SwiGLU, residual adds, dtype
+    casts) into a few Triton kernels and its partitioner recomputes cheap elementwise results in backward instead of
+    saving them. Attention itself is a graph break (:func:`~veomni_lightning.parallel.attention.ulysses_attention`
+    runs eagerly: varlen kernels, all-to-alls), so each block compiles to two graphs. FSDP2's hooks run outside the
+    compiled region, and transformers' checkpointing wraps the compiled call.
+    """
+    import torch._dynamo
+
+    # Every block is one more entry on the same code object; the default limit (8) would silently send the rest of
+    # a 28-layer model back to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(blocks) + 8))
+    for block in blocks:
+        block.compile()
+
+
 def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, config: FSDPConfig) -> None:
     """``fully_shard`` every block, then the root (which owns what is left: embeddings, final norm, lm_head)."""
     if config.cpu_offload and mesh.device_type == "cpu":
@@ -108,8 +135,17 @@ def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, confi
             module.set_force_sum_reduction_for_comms(True)
 
 
-def parallelize_model(hf_model: nn.Module, root: nn.Module, mesh: DeviceMesh, config: FSDPConfig) -> None:
-    """Apply checkpointing and FSDP2 to ``hf_model`` (inside ``root``) in the fixed order."""
+def parallelize_model(
+    hf_model: nn.Module, root: nn.Module, mesh: DeviceMesh | None, config: FSDPConfig, compile_blocks: bool = False
+) -> None:
+    """Apply checkpointing, compilation and FSDP2 to ``hf_model`` (inside ``root``) in the fixed order.
+
+    Without a mesh (one process, no strategy) only checkpointing and compilation apply.
+    """
+    blocks = find_transformer_blocks(hf_model)
     if config.activation_checkpointing:
         apply_activation_checkpointing(hf_model)
-    apply_fsdp(find_transformer_blocks(hf_model), root, mesh, config)
+    if compile_blocks:
+        apply_compile(blocks)
+    if mesh is not None:
+        apply_fsdp(blocks, root, mesh, config)
