@@ -17,7 +17,7 @@ Examples::
     python bench/text_throughput.py --shape qwen3-1.7b --runs a c c:compile=0          # (c) with/without compile
 
 A run is ``a``, ``b`` or ``c``, optionally with overrides ``:key=value`` (keys: ac, compile, reshard, ce_chunk, sp,
-dtype). ``--data text`` packs a real text file through a tokenizer instead of the default synthetic stream (random
+dtype, expandable: the allocator's expandable segments for (a)/(b), which (c) turns on by itself). ``--data text`` packs a real text file through a tokenizer instead of the default synthetic stream (random
 token ids, one document per sequence, so attention costs what the MFU formula counts).
 """
 
@@ -52,7 +52,15 @@ SHAPES: dict[str, dict] = {
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
 }  # fmt: skip
 RUN_NAMES = {"a": "plain HF", "b": "Lightning today", "c": "ours"}
-OVERRIDE_KEYS = {"ac": bool, "compile": bool, "reshard": bool, "ce_chunk": int, "sp": int, "dtype": str}
+OVERRIDE_KEYS = {
+    "ac": bool,
+    "compile": bool,
+    "reshard": bool,
+    "ce_chunk": int,
+    "sp": int,
+    "dtype": str,
+    "expandable": bool,
+}
 
 
 def parse_run(text: str, defaults: dict) -> dict:
@@ -109,7 +117,9 @@ def launch(spec: dict, gpus: int, workdir: Path, log) -> dict:
     spec_path.write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
            str(HERE / "text_workers.py"), str(spec_path)]  # fmt: skip
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
+    env = dict(os.environ)
+    if spec["expandable"]:  # (c)'s strategy switches the allocator itself; this is for showing (a)/(b) with it
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     print(f"--- {spec['label']} seq={spec['seq']}: {' '.join(cmd)}", file=log, flush=True)
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=spec["timeout"])
     if Path(spec["result"]).exists():
@@ -208,7 +218,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = config_from_model_type("qwen3", overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
     defaults = dict(model_type="qwen3", overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, ce_chunk=args.ce_chunk, sp=1,
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ce_chunk=args.ce_chunk, sp=1,
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

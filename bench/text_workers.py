@@ -290,9 +290,12 @@ def _finish(clock: StepClock, device: torch.device) -> dict:
     losses = [x.item() for x in clock.losses]
     peak = torch.tensor([0.0, 0.0], device=device)
     if device.type == "cuda":
-        peak = torch.tensor(
-            [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)], device=device
-        ) / 2**30
+        peak = (
+            torch.tensor(
+                [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)], device=device
+            )
+            / 2**30
+        )
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -80,7 +80,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_b:
                 grad_bias += grad_logits.float().sum(0)
         ctx.save_for_backward(
-            *(t if t is not None else torch.empty(0, device=hidden.device) for t in (grad_hidden, grad_weight, grad_bias))
+            *(
+                t if t is not None else torch.empty(0, device=hidden.device)
+                for t in (grad_hidden, grad_weight, grad_bias)
+            )
         )
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+import torch
 
 from veomni_lightning.parallel.dims import ParallelDims, ParallelMesh
 from veomni_lightning.parallel.fsdp import DTypeName, FSDPConfig
@@ -60,8 +63,27 @@ class ParallelMeshMixin:
     def _build_mesh(self, dims: ParallelDims) -> None:
         self._parallel_mesh = dims.build_mesh(self.root_device.type)
         self._device_mesh = self._parallel_mesh.mesh
+        if self.root_device.type == "cuda":
+            use_expandable_segments()
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """Samplers are keyed on the data-parallel rank: the ranks of one SP group read the same samples."""
         return {"num_replicas": self.parallel_mesh.dp_size, "rank": self.parallel_mesh.dp_rank}
+
+
+def use_expandable_segments() -> bool:
+    """Switch PyTorch's CUDA caching allocator to expandable segments, unless the user configured the allocator.
+
+    FSDP2 frees and re-allocates gathered weights and activations of changing sizes every block; with fixed-size
+    segments the freed blocks fragment and the reserved memory grows past the allocated peak, which turns a step
+    that fits into an out-of-memory error. Runs before the model is built, so every block comes from the new kind of
+    segment. Returns whether the setting was applied.
+    """
+    if any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        return False
+    setter = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:
+        return False
+    setter("expandable_segments:True")
+    return True

@@ -268,3 +268,29 @@ def test_cuda_kernels_match_fp32_sdpa(kernel: str, window: int | None) -> None:
 
     for got, want in zip(run(kernel, torch.bfloat16), run("sdpa", torch.float32)):
         assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cu_seqlens", [None, "one"], ids=["no_cu", "one_segment"])
+def test_cuda_single_sequence_rows_take_sdpa_and_match_fp32(cu_seqlens) -> None:
+    """Rows that are one causal sequence each go to SDPA (cuDNN on Hopper) in ``auto``; same numbers as fp32."""
+    from veomni_lightning.parallel import attention
+
+    s = 2048
+    cu = torch.tensor([0, s], dtype=torch.int32, device="cuda") if cu_seqlens else None
+    assert attention._select_kernel("auto", torch.empty(1, device="cuda", dtype=torch.bfloat16), True) is (
+        attention._sdpa_kernel
+    )
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(1, 8, s, 128), (1, 2, s, 128), (1, 2, s, 128), (1, s, 8, 128)]
+    q, k, v, w = (torch.randn(*sh, device="cuda", generator=g) for sh in shapes)
+
+    def run(name: str, dtype: torch.dtype) -> list[torch.Tensor]:
+        t = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        kwargs = packed_attention_kwargs(cu, s, None)
+        out, _ = ulysses_attention(nn.Module(), *t, None, kernel=name, scaling=0.09, **kwargs)
+        (out.float() * w).sum().backward()
+        return [out.float()] + [x.grad.float() for x in t]
+
+    for got, want in zip(run("auto", torch.bfloat16), run("sdpa", torch.float32)):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2

@@ -292,3 +292,43 @@ def test_installed_packages_import_from_outside_the_repo(tmp_path):
     assert Path(result["strategies_file"]).resolve().parent.name == "strategies"
     assert not result["top_strategies"], "a top-level `strategies` module is importable outside the repo"
     assert not result["top_kernels"], "a top-level `kernels` module is importable outside the repo"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: the compiled Triton kernel and the fused loss in bf16 at a real vocabulary size
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_row_kernel_on_cuda_matches_float64(dtype):
+    from veomni_lightning.kernels.triton_cross_entropy import cross_entropy_rows_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(257, 151936, device="cuda", generator=g) * 4).to(dtype)
+    labels = torch.randint(0, 151936, (257,), device="cuda", generator=g)
+    labels[::7] = -100
+    x = logits.double()
+    lse = torch.logsumexp(x, -1)
+    valid = labels != -100
+    ref_loss = (lse - x.gather(1, labels.clamp_min(0)[:, None])[:, 0]) * valid
+    ref_grad = torch.softmax(x, -1)
+    ref_grad[torch.arange(257, device="cuda"), labels.clamp_min(0)] -= 1
+    ref_grad *= valid[:, None]
+    out = logits.clone()
+    loss = cross_entropy_rows_triton(out, labels, -100, True)
+    assert ((loss.double() - ref_loss).norm() / ref_loss.norm()).item() < 1e-6
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert ((out.double() - ref_grad).norm() / ref_grad.norm()).item() < tol
+    assert (out[~valid] == 0).all()
+
+
+@pytest.mark.gpu
+def test_linear_cross_entropy_cuda_bf16_matches_float64():
+    hidden, weight, labels, _ = _inputs((3000,), hidden_size=256, vocab=32000, dtype=torch.bfloat16)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
+    loss, gh, gw, _ = _ours(hidden, weight, labels, chunk_size=1024)
+    rloss, rgh, rgw, _ = _reference(hidden, weight, labels)
+    assert abs(loss.double() - rloss).item() / rloss.item() < 1e-3
+    for g, r in ((gh, rgh), (gw, rgw)):
+        assert ((g.double() - r).norm() / r.norm()).item() < 1e-2

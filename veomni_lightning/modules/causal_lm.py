@@ -221,9 +221,14 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, step_batch: list[dict[str, Any]]) -> None:
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/grad_norm", grad_norm)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        # Metrics are logged on logging steps only: Lightning turns every logged progress-bar tensor into a Python
+        # number at each step, a host-device sync that would leave the GPU idle while the next step is launched.
+        log_every = max(1, getattr(self.trainer, "log_every_n_steps", 1))
+        on_log_step = self.trainer.global_step % log_every == 0
+        if on_log_step:
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/grad_norm", grad_norm)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         if self._meter is None:
             self._meter = ThroughputMeter(self.compute_device)
             n_params = count_parameters(self.model)
@@ -232,8 +237,7 @@ class CausalLMModule(pl.LightningModule):
             )
         sp = self.parallel_mesh.sp_size if self.parallel_mesh is not None else 1
         self._meter.add(sum(mb["input_ids"].numel() for mb in step_batch) // sp)
-        log_every = max(1, getattr(self.trainer, "log_every_n_steps", 1))
-        if self.trainer.global_step % log_every == 0:
+        if on_log_step:
             rate = self._meter.read()
             if rate is not None:
                 self.log("train/tokens_per_s_per_device", rate, prog_bar=True)
