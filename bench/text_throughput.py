@@ -60,6 +60,7 @@ OVERRIDE_KEYS = {
     "sp": int,
     "dtype": str,
     "expandable": bool,
+    "ac_frac": float,
 }
 
 
@@ -76,8 +77,8 @@ def parse_run(text: str, defaults: dict) -> dict:
         kind = OVERRIDE_KEYS[key]
         spec[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if mode != "c":
-        if spec["sp"] != 1 or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk")):
-            raise SystemExit(f"{text!r}: sp, compile, reshard and ce_chunk are settings of (c)")
+        if spec["sp"] != 1 or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac")):
+            raise SystemExit(f"{text!r}: sp, compile, reshard, ce_chunk and ac_frac are settings of (c)")
         spec.update(compile=False, ce_chunk=None)
     return spec
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = config_from_model_type("qwen3", overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
     defaults = dict(model_type="qwen3", overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ce_chunk=args.ce_chunk, sp=1,
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, ce_chunk=args.ce_chunk, sp=1,
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

@@ -271,6 +271,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
         param_dtype=spec["dtype"],
         reduce_dtype="fp32",
         activation_checkpointing=spec["ac"],
+        checkpoint_fraction=spec["ac_frac"],
         reshard_after_forward=spec["reshard"],
     )
     data, timer, make_trainer = _lightning_parts(spec, stream, per_micro_batch=False)

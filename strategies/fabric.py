@@ -49,6 +49,7 @@ class VeOmniFabricStrategy(ParallelMeshMixin, ModelParallelStrategy):
         reduce_dtype: DTypeName = "fp32",
         reshard_after_forward: bool = True,
         activation_checkpointing: bool = False,
+        checkpoint_fraction: float = 1.0,
         cpu_offload: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -77,6 +78,7 @@ class VeOmniFabricStrategy(ParallelMeshMixin, ModelParallelStrategy):
             reshard_after_forward,
             activation_checkpointing,
             cpu_offload,
+            checkpoint_fraction,
         )
 
     @override

@@ -31,6 +31,7 @@ class ParallelMeshMixin:
         reshard_after_forward: bool,
         activation_checkpointing: bool,
         cpu_offload: bool,
+        checkpoint_fraction: float = 1.0,
     ) -> None:
         self.dp_replicate_size = dp_replicate_size
         self.sp_size = sp_size
@@ -40,6 +41,7 @@ class ParallelMeshMixin:
             reduce_dtype=reduce_dtype,
             reshard_after_forward=reshard_after_forward,
             activation_checkpointing=activation_checkpointing,
+            checkpoint_fraction=checkpoint_fraction,
             cpu_offload=cpu_offload,
         )
         self._parallel_mesh: ParallelMesh | None = None

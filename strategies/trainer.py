@@ -33,7 +33,8 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
         param_dtype: compute dtype of gathered weights; master weights stay fp32.
         reduce_dtype: gradient reduction dtype.
         reshard_after_forward: ZeRO-3 (True) or keep gathered weights until backward (False).
-        activation_checkpointing: recompute each transformer block in backward.
+        activation_checkpointing: recompute transformer blocks in backward.
+        checkpoint_fraction: share of the blocks that recompute when checkpointing is on (evenly spread).
         cpu_offload: keep sharded parameters and optimizer state on the CPU.
         save_distributed_checkpoint: one shard per rank (True) or a single full file (False).
         process_group_backend: ``nccl`` / ``gloo``; default chosen from the device.
@@ -50,6 +51,7 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
         reduce_dtype: DTypeName = "fp32",
         reshard_after_forward: bool = True,
         activation_checkpointing: bool = False,
+        checkpoint_fraction: float = 1.0,
         cpu_offload: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -69,6 +71,7 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
             reshard_after_forward,
             activation_checkpointing,
             cpu_offload,
+            checkpoint_fraction,
         )
 
     @override
