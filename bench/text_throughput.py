@@ -17,7 +17,8 @@ Examples::
     python bench/text_throughput.py --shape qwen3-1.7b --runs a c c:compile=0          # (c) with/without compile
 
 A run is ``a``, ``b`` or ``c``, optionally with overrides ``:key=value`` (keys: ac, compile, reshard, ce_chunk, sp,
-dtype, expandable: the allocator's expandable segments for (a)/(b), which (c) turns on by itself). ``--data text`` packs a real text file through a tokenizer instead of the default synthetic stream (random
+dtype, ac_frac, attn: an attention registered by veomni-lightning, expandable: the allocator's expandable segments for
+(a)/(b), which (c) turns on by itself). ``--data text`` packs a real text file through a tokenizer instead of the default synthetic stream (random
 token ids, one document per sequence, so attention costs what the MFU formula counts).
 """
 
@@ -61,6 +62,7 @@ OVERRIDE_KEYS = {
     "dtype": str,
     "expandable": bool,
     "ac_frac": float,
+    "attn": str,
 }
 
 
@@ -77,8 +79,10 @@ def parse_run(text: str, defaults: dict) -> dict:
         kind = OVERRIDE_KEYS[key]
         spec[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if mode != "c":
-        if spec["sp"] != 1 or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac")):
-            raise SystemExit(f"{text!r}: sp, compile, reshard, ce_chunk and ac_frac are settings of (c)")
+        if spec["sp"] != 1 or any(
+            k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac", "attn")
+        ):
+            raise SystemExit(f"{text!r}: sp, compile, reshard, ce_chunk, ac_frac and attn are settings of (c)")
         spec.update(compile=False, ce_chunk=None)
     return spec
 
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = config_from_model_type("qwen3", overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
     defaults = dict(model_type="qwen3", overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, ce_chunk=args.ce_chunk, sp=1,
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1,
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

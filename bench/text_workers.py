@@ -265,6 +265,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
         init_seed=spec["seed"],
         ce_chunk_size=spec["ce_chunk"],
         compile_blocks=spec["compile"],
+        attn_implementation=spec["attn"],
     )
     strategy = VeOmniStrategy(
         sp_size=spec["sp"],
