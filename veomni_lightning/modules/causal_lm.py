@@ -295,12 +295,18 @@ def clip_grad_norm(parameters, max_norm: float | None) -> torch.Tensor:
     With FSDP2 the gradients are DTensors sharded over the FSDP mesh; the norm is reduced over that mesh so every
     rank gets the norm of the full gradient.
     """
-    params = [p for p in parameters if p.grad is not None]
-    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
-    if max_norm is not None:
-        # Takes the *parameters* (it reads their .grad); handed the gradients it would find no .grad and clip nothing.
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total.full_tensor() if isinstance(total, DTensor) else total
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm is not None and grads:
+        # torch.nn.utils.clip_grads_with_norm_'s arithmetic on the local shards: one foreach kernel, no DTensor
+        # dispatch per parameter, no host sync (the coefficient stays on the device).
+        with torch.no_grad():
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            torch._foreach_mul_(local, coef.to(local[0].device))
+    return total
 
 
 def _local_device(parallel_mesh: ParallelMesh | None) -> torch.device:
