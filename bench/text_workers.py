@@ -87,7 +87,8 @@ def _config(spec: dict) -> Any:
     return config_from_model_type(spec["model_type"], overrides=spec["overrides"])
 
 
-def _hf_model_on(device: torch.device, spec: dict, attn: str) -> torch.nn.Module:
+def _hf_model_on(device: torch.device, spec: dict, attn: str) -> tuple[torch.nn.Module, Any]:
+    """The HF model on meta and a callable that materialises it and applies the shared random init."""
     from veomni_lightning.models import build_model_on_meta, init_random_weights, materialize_model
 
     model = build_model_on_meta(_config(spec), attn_implementation=attn, dtype=torch.float32)
