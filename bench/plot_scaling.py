@@ -1,6 +1,6 @@
 """Plot tokens/s/GPU and peak memory against sequence length from a ``text_throughput.py --seqs`` result.
 
-    python bench/plot_scaling.py bench/results/issue3/h200x2_8b_sp2_sweep.json   # writes the .png beside it
+python bench/plot_scaling.py bench/results/issue3/h200x2_8b_sp2_sweep.json   # writes the .png beside it
 """
 
 from __future__ import annotations
