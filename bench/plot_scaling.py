@@ -1,11 +1,12 @@
 """Plot tokens/s/GPU and peak memory against sequence length from a ``text_throughput.py --seqs`` result.
 
 python bench/plot_scaling.py bench/results/issue3/h200x2_8b_sp2_sweep.json   # writes the .png beside it
+
+MFU is recomputed from the measured tokens/s by the current rule (``text_throughput.rescored``), like the tables.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,8 +16,9 @@ def plot(result_path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from text_throughput import rescored  # beside this file: on sys.path when run as a script
 
-    data = json.loads(result_path.read_text())
+    data = rescored(result_path)
     rows = [r for r in data["rows"] if r["status"] == "ok"]
     seqs = [r["seq"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -5,9 +5,11 @@ process group per run, see ``text_workers.py``) and writes a JSON file plus a ma
 naming the device, the library versions and the date. Per run: tokens/s per GPU (median step), MFU, peak memory
 (``max_memory_allocated``, max over ranks) and the loss at each step.
 
-MFU = (6·P + 12·L·H·D·S) · tokens/s/GPU / peak, P the parameters including the lm_head (tied embeddings counted
-once), L layers, H query heads, D head dim, S the packed sequence length, peak the GPU's dense bf16 rate (989 TFLOP/s
-for H100/H200): ``veomni_lightning.modules.metrics``.
+MFU = (6·(P − E) + 12·L·H·D·S) · tokens/s/GPU / peak, P the parameters, E the input-embedding table (a lookup, no
+FLOPs; E = 0 when it is tied to the lm_head, which stays in P), L layers, H query heads, D head dim, S the packed
+sequence length, peak the GPU's dense bf16 rate (989 TFLOP/s for H100/H200): ``veomni_lightning.modules.metrics``.
+``--rescore RESULT.json ...`` recomputes the MFU column of saved results by this rule and rewrites their markdown
+tables (the JSON files stay as measured).
 
 Examples::
 
@@ -134,9 +136,16 @@ def launch(spec: dict, gpus: int, workdir: Path, log) -> dict:
     return {"status": "error", "error": f"worker exited with {proc.returncode} and no result (see the log)"}
 
 
-def summarize(spec: dict, raw: dict, config, gpus: int, warmup: int) -> dict:
+def compute_mfu(config, n_params: int, embedding_params: int, seq: int, tokens_per_s_per_gpu: float, device: str):
+    """MFU by ``veomni_lightning.modules.metrics.flops_per_token``; None on a GPU without a known bf16 peak."""
     from veomni_lightning.modules.metrics import flops_per_token
 
+    peak = 989e12 if any(n in device for n in ("H100", "H200", "H800")) else None
+    fpt = flops_per_token(config, n_params, seq, embedding_params)
+    return fpt * tokens_per_s_per_gpu / peak if peak else None
+
+
+def summarize(spec: dict, raw: dict, config, gpus: int, warmup: int) -> dict:
     row = {"run": spec["label"], "trainer": RUN_NAMES[spec["mode"]], "seq": spec["seq"], "status": raw["status"],
            **{k: spec[k] for k in ("ac", "compile", "reshard", "sp", "dtype", "ce_chunk", "grad_accum")}}  # fmt: skip
     if raw["status"] != "ok":
@@ -147,11 +156,10 @@ def summarize(spec: dict, raw: dict, config, gpus: int, warmup: int) -> dict:
     median = statistics.median(times)
     tokens_per_gpu_step = spec["seq"] * spec["grad_accum"] * (gpus // spec["sp"]) / gpus
     rate = tokens_per_gpu_step / median
-    fpt = flops_per_token(config, raw["n_params"], spec["seq"])
-    peak = 989e12 if any(n in raw["device"] for n in ("H100", "H200", "H800")) else None
-    return {**row, "device": raw["device"], "n_params": raw["n_params"], "step_median_s": median,
-            "step_min_s": min(times), "step_max_s": max(times), "tokens_per_s_per_gpu": rate,
-            "mfu": fpt * rate / peak if peak else None, "peak_mem_gib": raw["peak_mem_gib"],
+    return {**row, "device": raw["device"], "n_params": raw["n_params"], "embedding_params": raw["embedding_params"],
+            "step_median_s": median, "step_min_s": min(times), "step_max_s": max(times), "tokens_per_s_per_gpu": rate,
+            "mfu": compute_mfu(config, raw["n_params"], raw["embedding_params"], spec["seq"], rate, raw["device"]),
+            "peak_mem_gib": raw["peak_mem_gib"],
             "peak_reserved_gib": raw["peak_reserved_gib"], "losses": raw["losses"]}  # fmt: skip
 
 
@@ -177,8 +185,55 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{r['tokens_per_s_per_gpu']:,.0f} | {speed} | {mfu} | {r['peak_mem_gib']:.1f} | {mem} | "
                      f"{r['losses'][-1]:.4f} |")  # fmt: skip
     lines += ["", "tokens/s/GPU: median step after the warm-up steps; peak: `torch.cuda.max_memory_allocated`, max "
-              "over ranks; MFU formula in `veomni_lightning/modules/metrics.py`."]  # fmt: skip
+              "over ranks; MFU = (6·(P − E) + 12·L·H·D·S) · tokens/s/GPU / peak, E the untied input-embedding table "
+              "(formula in `veomni_lightning/modules/metrics.py`)."]  # fmt: skip
+    if meta.get("rescored"):
+        lines += ["", f"MFU recomputed on {meta['rescored']} from the measured tokens/s in the JSON file by the rule "
+                  "above (the JSON keeps the MFU of the rule at measurement time)."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def shape_parameters(shape: str) -> tuple[int, int]:
+    """``(P, E)`` of a shape in ``SHAPES``, counted on a meta-device model like the workers count theirs."""
+    from transformers import AutoModelForCausalLM
+
+    from veomni_lightning.models import config_from_model_type
+    from veomni_lightning.modules.metrics import count_parameters, input_embedding_parameters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config_from_model_type("qwen3", overrides=SHAPES[shape]))
+    return count_parameters(model), input_embedding_parameters(model)
+
+
+def rescored(result_path: Path) -> dict:
+    """A saved result (``{"meta", "rows"}``) with its MFU recomputed from the measured tokens/s by the current rule."""
+    from veomni_lightning.models import config_from_model_type
+
+    data = json.loads(Path(result_path).read_text())
+    meta = data["meta"]
+    config = config_from_model_type("qwen3", overrides=SHAPES[meta["shape"]])
+    n_params, embedding_params = shape_parameters(meta["shape"])
+    for r in data["rows"]:
+        if r["status"] != "ok":
+            continue
+        if r["n_params"] != n_params:
+            raise SystemExit(f"{result_path}: run {r['run']} counted {r['n_params']} parameters, {meta['shape']} has "
+                             f"{n_params}")  # fmt: skip
+        r["embedding_params"] = embedding_params
+        r["mfu"] = compute_mfu(config, n_params, embedding_params, r["seq"], r["tokens_per_s_per_gpu"], r["device"])
+    return data
+
+
+def rescore(result_path: Path) -> Path:
+    """Recompute the MFU column of a saved result by the current rule and rewrite its markdown table beside it.
+
+    The JSON file is left as measured (its ``mfu`` fields keep the rule of the day); the markdown says so.
+    """
+    data = rescored(result_path)
+    meta, rows = data["meta"], data["rows"]
+    out = Path(result_path).with_suffix(".md")
+    out.write_text(markdown({**meta, "rescored": dt.date.today().isoformat()}, rows))
+    return out
 
 
 def versions() -> dict:
@@ -218,7 +273,13 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and markdown results")
     p.add_argument("--name", help="file stem of the results (default: shape, seq and GPU count)")
+    p.add_argument("--rescore", type=Path, nargs="+", metavar="RESULT.json",
+                   help="measure nothing: recompute the MFU of saved results and rewrite their .md tables")  # fmt: skip
     args = p.parse_args(argv)
+    if args.rescore:
+        for result_path in args.rescore:
+            print(rescore(result_path))
+        return args.rescore[-1]
 
     from veomni_lightning.models import config_from_model_type
 

@@ -143,7 +143,7 @@ def run_plain_hf(spec: dict, stream: list[list[dict]]) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark(total)
-    return {"n_params": _count(model), **_finish(clock, device)}
+    return {**_sizes(model), **_finish(clock, device)}
 
 
 # ------------------------------------------------------------------------------------------ Lightning data plumbing
@@ -243,7 +243,7 @@ def run_lightning_today(spec: dict, stream: list[list[dict]]) -> dict:
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     module = HFModule()
     make_trainer(strategy, timer).fit(module, datamodule=data)
-    return {"n_params": _count(module.model), **_finish(timer.clock, device)}
+    return {**_sizes(module.model), **_finish(timer.clock, device)}
 
 
 # ------------------------------------------------------------------------------------------------------ (c) ours
@@ -278,14 +278,15 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
     )
     data, timer, make_trainer = _lightning_parts(spec, stream, per_micro_batch=False)
     make_trainer(strategy, timer).fit(module, datamodule=data)
-    return {"n_params": _count(module.model.hf_model), **_finish(timer.clock, device)}
+    return {**_sizes(module.model.hf_model), **_finish(timer.clock, device)}
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _count(model: torch.nn.Module) -> int:
-    from veomni_lightning.modules.metrics import count_parameters
+def _sizes(model: torch.nn.Module) -> dict[str, int]:
+    """What MFU needs of a (sharded) HF model: all parameters, and the untied input-embedding table it leaves out."""
+    from veomni_lightning.modules.metrics import count_parameters, input_embedding_parameters
 
-    return count_parameters(model)
+    return {"n_params": count_parameters(model), "embedding_params": input_embedding_parameters(model)}
 
 
 def _finish(clock: StepClock, device: torch.device) -> dict:

@@ -1,11 +1,13 @@
 """Atomic checkpoint writes shared by the Trainer and Fabric strategies.
 
 A checkpoint (a DCP folder or a single file) is first written next to its final path, then swapped in by rank 0
-once every rank has finished writing. A save that fails part-way leaves the previous checkpoint at ``path`` intact.
+once every rank has reported a successful write. A save that fails on any rank fails on every rank at once (no
+rank is left waiting for a process-group timeout) and leaves the previous checkpoint at ``path`` intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,31 +22,91 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def write_atomically(path: Path, write: Callable[[Path], None], *, rank: int, barrier: Callable[[], None]) -> None:
+def _attempt(step: Callable[[], None]) -> BaseException | None:
+    """Run ``step``; return what it raised instead of raising, so this rank can still take part in the vote."""
+    try:
+        step()
+    except BaseException as e:  # recorded, not swallowed: `_vote` re-raises it once every rank knows
+        return e
+    return None
+
+
+def _vote(
+    all_ok: Callable[[bool], bool],
+    error: BaseException | None,
+    others: str,
+    on_failure: Callable[[], None] | None = None,
+) -> None:
+    """Every rank reports whether its step succeeded; if any failed, every rank raises (cleaning up first).
+
+    The rank that failed raises its own exception, the others a ``RuntimeError(others)``.
+    """
+    try:
+        everyone_ok = all_ok(error is None)
+    except BaseException:
+        if error is None:
+            raise
+        everyone_ok = False  # the collective broke too; this rank's own failure is the one to report
+    if everyone_ok:
+        return
+    if on_failure is not None:
+        with contextlib.suppress(OSError):  # best effort: a cleanup problem must not mask the failure itself
+            on_failure()
+    if error is not None:
+        raise error
+    raise RuntimeError(others)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], *, rank: int, all_ok: Callable[[bool], bool]) -> None:
     """Call ``write(tmp_path)`` on every rank, then move ``tmp_path`` to ``path`` replacing what was there.
 
-    ``barrier`` must synchronise all ranks; it is called so that rank 0 only swaps after every shard is written.
-    If ``write`` raises on any rank, that rank removes the partial temporary path and re-raises; ``path`` is left
-    untouched (the other ranks then wait at the barrier until the process group's timeout, as with any failed
-    collective).
+    ``all_ok(local_ok)`` must be a collective over all ranks that returns True only if every rank passed True
+    (a strategy's ``lambda ok: strategy.reduce_boolean_decision(ok, all=True)``; ``lambda ok: ok`` for one
+    process). It is called three times on every rank, in the same order, and also serves as the barrier; a rank
+    whose step raised still takes part, so a failure on any rank fails every rank at once:
+
+    1. after rank 0 removed any stale temporary path and created the parent folder;
+    2. after writing: each rank reports whether its ``write`` succeeded. If any failed, rank 0 removes the partial
+       temporary path and every rank raises: the failing rank its own exception, the others a ``RuntimeError``
+       saying another rank failed. ``path`` (the last good checkpoint) is untouched;
+    3. after rank 0 swapped the temporary path in (old checkpoint moved aside, temporary renamed, old removed). If
+       the swap fails, rank 0 puts the old checkpoint back and every rank raises.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
-    if rank == 0:
+
+    def prepare() -> None:
         _remove(tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
-    barrier()
-    try:
-        write(tmp)
-    except BaseException:
-        _remove(tmp)  # a partial shard folder must not linger next to the good checkpoint
-        raise
-    barrier()
-    if rank == 0:
+
+    def swap() -> None:
         _remove(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        _remove(old)
-    barrier()
+        try:
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # put the previous checkpoint back, drop the new one
+                if not path.exists() and old.exists():
+                    old.rename(path)
+                _remove(tmp)
+            raise
+        with contextlib.suppress(OSError):  # a leftover is harmless: the next save removes it first
+            _remove(old)
+
+    _vote(
+        all_ok,
+        _attempt(prepare) if rank == 0 else None,
+        f"rank 0 could not prepare {tmp}; checkpoint {path} was not written.",
+    )
+    _vote(
+        all_ok,
+        _attempt(lambda: write(tmp)),
+        f"another rank failed to write checkpoint {path}; nothing was replaced, the previous checkpoint there "
+        f"(if any) is intact.",
+        on_failure=(lambda: _remove(tmp)) if rank == 0 else None,
+    )
+    _vote(
+        all_ok, _attempt(swap) if rank == 0 else None, f"rank 0 failed to move the new checkpoint into place at {path}."
+    )

@@ -1,14 +1,17 @@
-"""What the Trainer and Fabric strategies share: parallel sizes, FSDP options, the mesh and dp-keyed samplers."""
+"""What the Trainer and Fabric strategies share: the parallel config, the mesh, dp-keyed samplers, atomic saves."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from veomni_lightning.parallel.dims import ParallelDims, ParallelMesh
-from veomni_lightning.parallel.fsdp import DTypeName, FSDPConfig
+from veomni_lightning.parallel import ParallelConfig, ParallelDims, ParallelMesh
+
+from .checkpoint_io import write_atomically
 
 __all__ = ["ParallelMeshMixin"]
 
@@ -16,34 +19,18 @@ __all__ = ["ParallelMeshMixin"]
 class ParallelMeshMixin:
     """Mixed into Lightning's ModelParallelStrategy (Trainer and Fabric flavours) to build our mesh instead of its TP one.
 
-    Subclasses keep their own explicit ``__init__`` arguments (LightningCLI reads the signature) and pass them to
-    :meth:`_init_parallel`; ``setup_environment`` calls :meth:`_validated_dims` before the process group exists and
-    :meth:`_build_mesh` after.
+    Subclasses take ``parallel: ParallelConfig`` as a keyword argument (LightningCLI reads the signature) and store
+    it with :meth:`_set_parallel_config`; ``setup_environment`` calls :meth:`_validated_dims` before the process group
+    exists and :meth:`_build_mesh` after.
     """
 
-    def _init_parallel(
-        self,
-        dp_replicate_size: int,
-        sp_size: int,
-        ep_size: int,
-        param_dtype: DTypeName,
-        reduce_dtype: DTypeName,
-        reshard_after_forward: bool,
-        activation_checkpointing: bool,
-        cpu_offload: bool,
-        checkpoint_fraction: float = 1.0,
-    ) -> None:
-        self.dp_replicate_size = dp_replicate_size
-        self.sp_size = sp_size
-        self.ep_size = ep_size
-        self.fsdp_config = FSDPConfig(
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            reshard_after_forward=reshard_after_forward,
-            activation_checkpointing=activation_checkpointing,
-            checkpoint_fraction=checkpoint_fraction,
-            cpu_offload=cpu_offload,
-        )
+    def _set_parallel_config(self, parallel: ParallelConfig | None) -> None:
+        if parallel is not None and not isinstance(parallel, ParallelConfig):
+            raise TypeError(
+                f"parallel must be a ParallelConfig, got {type(parallel).__name__}. Fix: "
+                "VeOmniStrategy(parallel=ParallelConfig(sp_size=2, ...)), or in yaml `parallel: {sp_size: 2}`."
+            )
+        self.parallel_config = parallel or ParallelConfig()
         self._parallel_mesh: ParallelMesh | None = None
 
     @property
@@ -55,18 +42,22 @@ class ParallelMeshMixin:
 
     def _validated_dims(self) -> ParallelDims:
         """Check the layout against the world size on every rank, before any process group or collective exists."""
-        return ParallelDims(
-            world_size=self.num_nodes * self.num_processes,
-            dp_replicate=self.dp_replicate_size,
-            sp=self.sp_size,
-            ep=self.ep_size,
-        )
+        return self.parallel_config.dims(self.num_nodes * self.num_processes)
 
     def _build_mesh(self, dims: ParallelDims) -> None:
         self._parallel_mesh = dims.build_mesh(self.root_device.type)
         self._device_mesh = self._parallel_mesh.mesh
         if self.root_device.type == "cuda":
             use_expandable_segments()
+
+    def _write_checkpoint_atomically(self, path: Any, write: Callable[[Path], None]) -> None:
+        """Every rank writes into a temporary folder; it replaces ``path`` only if every rank succeeded."""
+        write_atomically(
+            Path(self.broadcast(str(path))),
+            write,
+            rank=self.global_rank,
+            all_ok=lambda ok: self.reduce_boolean_decision(ok, all=True),
+        )
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:

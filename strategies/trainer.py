@@ -3,56 +3,40 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 from typing_extensions import override
 
-from veomni_lightning.parallel.fsdp import DTypeName
+from veomni_lightning.parallel import ParallelConfig
 
-from .checkpoint_io import write_atomically
 from .mesh_mixin import ParallelMeshMixin
 
 __all__ = ["VeOmniStrategy"]
 
 
 class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
-    """Trainer strategy that builds the FSDP2 × Ulysses-SP mesh and hands it, with the FSDP options, to the module.
+    """Trainer strategy that builds the FSDP2 × Ulysses-SP mesh and hands it, with the parallel config, to the module.
 
     The LightningModule applies the parallelism in ``configure_model`` by reading :attr:`parallel_mesh` and
-    :attr:`fsdp_config` (the strategy knows no particular module). Data loaders are keyed on the data-parallel rank,
-    so the ranks of one SP group see the same samples. Checkpoints are sharded DCP folders (or one file with
+    :attr:`parallel_config` (the strategy knows no particular module). Data loaders are keyed on the data-parallel
+    rank, so the ranks of one SP group see the same samples. Checkpoints are sharded DCP folders (or one file with
     ``save_distributed_checkpoint=False``), written atomically.
 
     Args:
-        dp_replicate_size: HSDP replica groups (parameters are sharded within a group, replicated across groups).
-        sp_size: Ulysses sequence-parallel degree (heads it does not divide are zero-padded, at some cost).
-        ep_size: expert-parallel degree (reserved for MoE; must divide dp_shard × sp).
-        param_dtype: compute dtype of gathered weights; master weights stay fp32.
-        reduce_dtype: gradient reduction dtype.
-        reshard_after_forward: ZeRO-3 (True) or keep gathered weights until backward (False).
-        activation_checkpointing: recompute transformer blocks in backward.
-        checkpoint_fraction: share of the blocks that recompute when checkpointing is on (evenly spread).
-        cpu_offload: keep sharded parameters and optimizer state on the CPU.
+        parallel: mesh sizes and per-block options (:class:`~veomni_lightning.parallel.ParallelConfig`).
         save_distributed_checkpoint: one shard per rank (True) or a single full file (False).
         process_group_backend: ``nccl`` / ``gloo``; default chosen from the device.
+        timeout: collective timeout.
     """
 
     strategy_name = "veomni"
 
     def __init__(
         self,
-        dp_replicate_size: int = 1,
-        sp_size: int = 1,
-        ep_size: int = 1,
-        param_dtype: DTypeName = "bf16",
-        reduce_dtype: DTypeName = "fp32",
-        reshard_after_forward: bool = True,
-        activation_checkpointing: bool = False,
-        checkpoint_fraction: float = 1.0,
-        cpu_offload: bool = False,
+        *,
+        parallel: ParallelConfig | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -62,17 +46,7 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self._init_parallel(
-            dp_replicate_size,
-            sp_size,
-            ep_size,
-            param_dtype,
-            reduce_dtype,
-            reshard_after_forward,
-            activation_checkpointing,
-            cpu_offload,
-            checkpoint_fraction,
-        )
+        self._set_parallel_config(parallel)
 
     @override
     def setup_environment(self) -> None:
@@ -88,15 +62,11 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
     def model_to_device(self) -> None:
         # configure_model already put every shard where FSDP2 wants it; with CPU offload that is CPU memory, and
         # Lightning's blanket ``model.to(root_device)`` would move the root's shards to the GPU and break offloading.
-        if not self.fsdp_config.cpu_offload:
+        if not self.parallel_config.cpu_offload:
             super().model_to_device()
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        path = Path(self.broadcast(str(filepath)))
-        write_atomically(
-            path,
-            lambda tmp: super(VeOmniStrategy, self).save_checkpoint(checkpoint, tmp, storage_options),
-            rank=self.global_rank,
-            barrier=self.barrier,
+        self._write_checkpoint_atomically(
+            filepath, lambda tmp: super(VeOmniStrategy, self).save_checkpoint(checkpoint, tmp, storage_options)
         )

@@ -130,19 +130,21 @@ def fit_tiny(
 
     from veomni_lightning.data import TextDataModule
     from veomni_lightning.modules import CausalLMModule
+    from veomni_lightning.parallel import ParallelConfig
     from veomni_lightning.strategies import VeOmniStrategy
 
     recorder = MetricsRecorder()
     callbacks: list[Any] = [recorder]
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
-    strategy = VeOmniStrategy(
+    parallel = ParallelConfig(
         sp_size=sp,
         dp_replicate_size=dp_replicate,
         param_dtype=param_dtype,
         activation_checkpointing=activation_checkpointing,
         **strategy_options,
     )
+    strategy = VeOmniStrategy(parallel=parallel)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=devices,

@@ -447,6 +447,68 @@ def test_skip_mode_counts_and_warns(tok, tmp_path):
     assert sum(len(decoded_samples(tok, s[0])) for s in steps) == 6
 
 
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+)
+# Templates reject conversations through transformers' `raise_exception`, which raises jinja2's TemplateError.
+REJECT_PREFIX = (
+    "{% for m in messages %}{% if m['content'] == 'REJECT ME' %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}{% endfor %}"
+)
+
+
+def _template_variant(tok, generation_tags: bool):
+    t2 = copy.copy(tok)  # attribute assignments on the copy leave the shared module-scoped tokenizer alone
+    t2.chat_template = GENERATION_TEMPLATE if generation_tags else tok.chat_template
+    return t2
+
+
+@pytest.mark.parametrize("generation_tags", [False, True], ids=["diff", "generation_tags"])
+def test_template_rejection_is_a_bad_row(tok, tmp_path, generation_tags):
+    t2 = _template_variant(tok, generation_tags)
+    t2.chat_template = REJECT_PREFIX + t2.chat_template
+    rejected = [{"role": "user", "content": "REJECT ME"}, {"role": "assistant", "content": "ok"}]
+    rows = [{"text": t} for t in texts(4)] + [{"messages": CONVS[1]}, {"messages": rejected}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 6: the chat template rejected this conversation: Conversation roles"):
+        take_steps(make_dm(t2, [path], shuffle=False, num_epochs=1))
+    dm = make_dm(t2, [path], on_bad_row="skip", num_epochs=1, micro_batch_tokens=256)
+    with pytest.warns(UserWarning, match="skipped_bad_rows=1"):
+        take_steps(dm)
+    assert dm.stats["skipped_bad_rows"] == 1 and dm.stats["samples"] == 5
+
+
+@pytest.mark.parametrize("generation_tags", [False, True], ids=["diff", "generation_tags"])
+@pytest.mark.parametrize("exc", [RuntimeError("bug"), TypeError("bug"), AttributeError("bug")], ids=type)
+def test_bug_in_encoding_propagates_under_skip(tok, tmp_path, generation_tags, exc):
+    """Only the template's rejection of a row is a bad row; any other exception is a bug and must not be skipped."""
+    t2 = _template_variant(tok, generation_tags)
+
+    def broken_apply_chat_template(*args, **kwargs):
+        raise exc
+
+    t2.apply_chat_template = broken_apply_chat_template
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"text": "fine"}, {"messages": CONVS[1]}])
+    dm = make_dm(t2, [path], on_bad_row="skip", num_epochs=1)
+    with pytest.raises(type(exc), match="^bug$") as ei:
+        take_steps(dm)
+    assert type(ei.value) is type(exc) and not isinstance(ei.value, DataError)
+    assert dm.stats["skipped_bad_rows"] == 0
+
+
+def test_broken_template_propagates_under_skip(tok, tmp_path):
+    """A template that does not compile is a setup problem of every row, not a bad row to skip."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    t2 = copy.copy(tok)
+    t2.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if %}"
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVS[1]}])
+    with pytest.raises(TemplateSyntaxError):
+        take_steps(make_dm(t2, [path], on_bad_row="skip", num_epochs=1))
+
+
 def test_setup_and_config_errors(tok, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         make_dm(tok, [tmp_path / "nope.jsonl"]).setup("fit")

@@ -311,8 +311,14 @@ def _failing(kind: str):
 
 
 def _calls():
+    """A single-process ``all_ok`` that records what each call reported."""
     calls = []
-    return calls, (lambda: calls.append("barrier"))
+
+    def all_ok(ok: bool) -> bool:
+        calls.append(ok)
+        return ok
+
+    return calls, all_ok
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -325,14 +331,15 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, kind):
     path.parent.mkdir()
     _make_previous(path, kind)
     before = _snapshot(path)
-    _, barrier = _calls()
+    calls, all_ok = _calls()
     with pytest.raises(OSError, match="disk full"):
-        write_atomically(path, _failing(kind), rank=0, barrier=barrier)
+        write_atomically(path, _failing(kind), rank=0, all_ok=all_ok)
+    assert calls == [True, False]  # the failing rank still took part in the post-write collective
     assert path.is_file() if kind == "file" else path.is_dir()
     assert _snapshot(path) == before
     assert not path.with_name("last.ckpt.old").exists()
     # A retry after the failure succeeds and cleans up whatever the failed attempt left.
-    write_atomically(path, _write_file, rank=0, barrier=barrier)
+    write_atomically(path, _write_file, rank=0, all_ok=all_ok)
     assert path.read_bytes() == b"new checkpoint"
     assert _leftovers(path.parent) == []
 
@@ -342,8 +349,41 @@ def test_failed_write_leaves_no_tmp_leftovers(tmp_path, kind):
     path = tmp_path / "last.ckpt"
     _make_previous(path, kind)
     with pytest.raises(OSError, match="disk full"):
-        write_atomically(path, _failing(kind), rank=0, barrier=lambda: None)
+        write_atomically(path, _failing(kind), rank=0, all_ok=lambda ok: ok)
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_failure_on_another_rank_fails_this_one(tmp_path, rank):
+    # This rank's write succeeds, but the post-write collective says another rank's failed.
+    path = tmp_path / "ckpt"
+    _make_previous(path, "folder")
+    before = _snapshot(path)
+    reports = []
+
+    def all_ok(ok: bool) -> bool:
+        reports.append(ok)
+        return ok and len(reports) != 2
+
+    with pytest.raises(RuntimeError, match=rf"another rank failed to write checkpoint {path}.*previous checkpoint"):
+        write_atomically(path, _write_folder, rank=rank, all_ok=all_ok)
+    assert reports == [True, True]
+    assert _snapshot(path) == before
+    # Rank 0 removes the partial temporary folder; the other ranks leave it to rank 0.
+    assert _leftovers(tmp_path) == ([] if rank == 0 else ["ckpt.tmp"])
+
+
+def test_failed_preparation_fails_every_rank_before_writing(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    path = tmp_path / "a_file" / "ckpt"  # its parent cannot be created
+    written = []
+    calls, all_ok = _calls()
+    with pytest.raises(OSError):
+        write_atomically(path, written.append, rank=0, all_ok=all_ok)
+    assert calls == [False] and written == []  # rank 0 voted "failed" before anyone wrote
+    with pytest.raises(RuntimeError, match="rank 0 could not prepare"):
+        write_atomically(tmp_path / "other", written.append, rank=1, all_ok=lambda ok: False)
+    assert written == []
 
 
 @pytest.mark.parametrize("old_kind", ["none", "file", "folder"])
@@ -356,7 +396,7 @@ def test_successful_write_replaces_previous(tmp_path, old_kind, new_kind):
     # A stale tmp from a crashed earlier run is discarded before writing.
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_name(path.name + ".tmp").write_bytes(b"stale")
-    calls, barrier = _calls()
+    calls, all_ok = _calls()
     seen = []
 
     def write(tmp: Path) -> None:
@@ -364,8 +404,8 @@ def test_successful_write_replaces_previous(tmp_path, old_kind, new_kind):
         assert tmp == path.with_name(path.name + ".tmp") and not tmp.exists()
         (_write_file if new_kind == "file" else _write_folder)(tmp)
 
-    write_atomically(path, write, rank=0, barrier=barrier)
-    assert len(seen) == 1 and len(calls) == 3
+    write_atomically(path, write, rank=0, all_ok=all_ok)
+    assert len(seen) == 1 and calls == [True, True, True]
     if new_kind == "file":
         assert path.is_file() and path.read_bytes() == b"new checkpoint"
     else:
@@ -384,6 +424,139 @@ def test_non_zero_rank_only_writes(tmp_path):
     def write(t: Path) -> None:
         (t / "__1_0.distcp").write_bytes(b"rank1")
 
-    write_atomically(path, write, rank=1, barrier=lambda: None)
+    write_atomically(path, write, rank=1, all_ok=lambda ok: ok)
     assert _snapshot(path) == before
     assert (tmp / "__1_0.distcp").read_bytes() == b"rank1"
+
+
+def test_failed_swap_restores_previous_and_reports(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    _make_previous(path, "folder")
+    before = _snapshot(path)
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name == "ckpt.tmp":
+            raise OSError("rename failed")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    calls, all_ok = _calls()
+    with pytest.raises(OSError, match="rename failed"):
+        write_atomically(path, _write_folder, rank=0, all_ok=all_ok)
+    assert calls == [True, True, False]  # rank 0 reports the failed swap, so the other ranks raise too
+    assert _snapshot(path) == before
+    assert _leftovers(tmp_path) == []
+    # Another rank learns of it from the last collective.
+    reports = []
+
+    def all_ok(ok: bool) -> bool:
+        reports.append(ok)
+        return ok and len(reports) != 3
+
+    other = tmp_path / "other"
+    with pytest.raises(RuntimeError, match=f"rank 0 failed to move the new checkpoint into place at {other}"):
+        write_atomically(other, _write_folder, rank=1, all_ok=all_ok)
+    assert reports == [True, True, True]
+
+
+def _all_ok_gloo(ok: bool) -> bool:
+    """What the strategies pass: ``reduce_boolean_decision(ok, all=True)``, i.e. an all-reduced vote."""
+    import torch.distributed as dist
+
+    votes = torch.tensor(int(ok))
+    dist.all_reduce(votes)
+    return int(votes) == dist.get_world_size()
+
+
+def _atomic_write_worker(rank: int, world_size: int, root: str, fail_in: str) -> dict:
+    """Save a good checkpoint, then a second one that fails on rank 1 only, then a third (a retry) that works.
+
+    ``fail_in="write"``: rank 1's own write raises after writing a partial shard, outside any collective.
+    ``fail_in="dcp"``: a real ``dcp.save`` whose ``FileSystemWriter.write_data`` raises on rank 1 (DCP's write stage).
+    Every rank catches what the failing save raised and goes on, so a rank left waiting would show as a hang.
+    """
+    import time
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    path = Path(root) / "step=1.ckpt"
+
+    def state(version: int) -> dict:
+        return {"w": torch.arange(6.0) + 10 * version, "b": torch.full((3,), float(version))}
+
+    def writer(version: int, fail: bool):
+        def write(tmp: Path) -> None:
+            if fail_in == "dcp":
+                dcp.save(state(version), storage_writer=FileSystemWriter(tmp))
+                return
+            tmp.mkdir(exist_ok=True)
+            (tmp / f"__{rank}_0.distcp").write_bytes(f"v{version} rank{rank}".encode())
+            if fail:
+                raise OSError(f"disk full on rank {rank}")
+            if rank == 0:
+                (tmp / ".metadata").write_bytes(f"v{version}".encode())
+
+        return write
+
+    write_atomically(path, writer(1, False), rank=rank, all_ok=_all_ok_gloo)
+    good = _snapshot(path) if rank == 0 else {}
+
+    original_write_data = FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        if rank == 1:
+            raise OSError("disk full on rank 1")
+        return original_write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = write_data
+    start = time.monotonic()
+    try:
+        write_atomically(path, writer(2, rank == 1), rank=rank, all_ok=_all_ok_gloo)
+        error_type, error = "", ""
+    except BaseException as e:  # DCP's CheckpointException is a BaseException, not an Exception
+        error_type, error = type(e).__name__, str(e)
+    seconds = time.monotonic() - start
+    FileSystemWriter.write_data = original_write_data
+    _all_ok_gloo(True)  # every rank has finished the failed save before rank 0 looks at the folder
+    result = {"error_type": error_type, "error": error[:2000], "seconds": seconds}
+    if rank == 0:
+        result["intact"] = _snapshot(path) == good
+        result["leftovers"] = _leftovers(path.parent)
+    if fail_in == "dcp":
+        loaded = {"w": torch.zeros(6), "b": torch.zeros(3)}
+        dcp.load(loaded, storage_reader=FileSystemReader(path))
+        result["loaded_is_v1"] = all(torch.equal(loaded[k], v) for k, v in state(1).items())
+    # A retry works on every rank and replaces the good checkpoint.
+    write_atomically(path, writer(3, False), rank=rank, all_ok=_all_ok_gloo)
+    _all_ok_gloo(True)
+    if rank == 0:
+        result["retry_leftovers"] = _leftovers(path.parent)
+        result["retry_replaced"] = _snapshot(path) != good
+    return result
+
+
+@pytest.mark.parametrize("fail_in", ["write", "dcp"])
+def test_write_failing_on_one_rank_fails_every_rank_promptly(tmp_path, fail_in):
+    import time
+
+    start = time.monotonic()
+    # A rank left waiting would sit in gloo's 30-minute timeout: run_distributed kills it at 120 s (TimeoutError).
+    results = run_distributed(_atomic_write_worker, 2, str(tmp_path), fail_in, timeout=120)
+    assert time.monotonic() - start < 60, "the run took most of the timeout (spawning takes ~20 s on 2 busy cores)"
+    r0, r1 = results
+    # The failing save itself, on each rank, from entering write_atomically to raising: milliseconds here.
+    assert r0["seconds"] < 5 and r1["seconds"] < 5, (r0["seconds"], r1["seconds"])
+    if fail_in == "write":
+        assert (r1["error_type"], r1["error"]) == ("OSError", "disk full on rank 1")
+        assert r0["error_type"] == "RuntimeError"
+        assert f"another rank failed to write checkpoint {tmp_path / 'step=1.ckpt'}" in r0["error"]
+        assert "previous checkpoint there (if any) is intact" in r0["error"]
+    else:
+        # DCP gathers the write results itself: every rank gets its CheckpointException naming the failing rank.
+        for r in results:
+            assert r["error_type"] == "CheckpointException" and "disk full on rank 1" in r["error"], r["error"]
+            assert r["loaded_is_v1"]
+    assert r0["intact"] and r0["leftovers"] == []
+    assert r0["retry_replaced"] and r0["retry_leftovers"] == []

@@ -46,7 +46,10 @@ def pad_token_id(tok: Any) -> int:
 
 
 class SampleEncoder:
-    """Validate one row and encode it as ``(input_ids, loss_mask)``; all problems raise ``DataError`` with location.
+    """Validate one row and encode it as ``(input_ids, loss_mask)``; row problems raise ``DataError`` with location.
+
+    Only problems of the row itself are ``DataError`` (and so skippable with ``on_bad_row="skip"``); any other
+    exception is a bug or a setup problem and propagates with its own type.
 
     ``mode="auto"`` picks SFT for rows holding ``messages_key`` and pretraining for rows holding ``text_key``.
     SFT masking is template-agnostic: if the chat template marks assistant text with ``{% generation %}`` the
@@ -150,14 +153,29 @@ class SampleEncoder:
             )
         return clean
 
-    def _render(self, msgs: list[dict], loc: RowLocation, add_generation_prompt: bool = False) -> str:
+    def _apply_template(self, msgs: list[dict], loc: RowLocation, **kwargs: Any) -> Any:
+        """``tokenizer.apply_chat_template``; only the template's own rejection of this row becomes a ``DataError``.
+
+        That is jinja2's runtime ``TemplateError`` family: ``raise_exception(...)`` in the template (transformers
+        raises ``jinja2.exceptions.TemplateError`` for it, e.g. "roles must alternate") or an undefined field. A
+        template that does not compile (``TemplateSyntaxError``) is a setup problem of every row, and any other
+        exception (a bug in our code or in the tokenizer) propagates unchanged, so ``on_bad_row="skip"`` never
+        hides it.
+        """
+        from jinja2.exceptions import TemplateError, TemplateSyntaxError  # local: keeps the import light
+
         try:
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-        except Exception as e:  # jinja errors (e.g. "roles must alternate") are data problems of this row
+            return self.tok.apply_chat_template(msgs, **kwargs)
+        except TemplateSyntaxError:
+            raise
+        except TemplateError as e:
             raise DataError(
                 f"{loc}: the chat template rejected this conversation: {e}. Fix: reorder/repair the turns as the "
                 f"template requires, or drop the row."
             ) from e
+
+    def _render(self, msgs: list[dict], loc: RowLocation, add_generation_prompt: bool = False) -> str:
+        return self._apply_template(msgs, loc, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _encode_chat(self, row: dict, loc: RowLocation) -> tuple[list[int], list[bool]]:
         if not self.has_template:
@@ -171,13 +189,7 @@ class SampleEncoder:
         return self._encode_chat_by_diff(msgs, loc)
 
     def _encode_chat_generation_tags(self, msgs: list[dict], loc: RowLocation) -> tuple[list[int], list[bool]]:
-        try:
-            out = self.tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        except Exception as e:
-            raise DataError(
-                f"{loc}: the chat template rejected this conversation: {e}. Fix: reorder/repair the turns as the "
-                f"template requires, or drop the row."
-            ) from e
+        out = self._apply_template(msgs, loc, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids = [int(x) for x in out["input_ids"]]
         mask = [bool(x) for x in out["assistant_masks"]]
         return ids, mask

@@ -45,15 +45,25 @@ class CausalLMWithLoss(nn.Module):
         self.ce_chunk_size = ce_chunk_size
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, **attention_kwargs: Any
+        self,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **attention_kwargs: Any,
     ) -> torch.Tensor:
         """Sum (fp32) of the cross-entropy over this rank's non-ignored tokens; ``labels`` are already shifted.
 
+        Give ``input_ids``, or ``inputs_embeds`` built by a multimodal family on the full sequence and cut for SP.
         ``attention_kwargs`` (SP group, ``cu_seq_lens_*``, ``max_length_*``) travel through the HF model's kwargs to
         the registered attention function.
         """
         outputs = self.hf_model.base_model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=False, **attention_kwargs
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            use_cache=False,
+            **attention_kwargs,
         )
         head = self.hf_model.get_output_embeddings()
         return linear_cross_entropy(

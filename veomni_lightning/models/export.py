@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ from torch import nn
 
 from .source import run_on_rank0_then_share
 
-__all__ = ["export_hf_folder", "write_hf_folder"]
+__all__ = [
+    "export_hf_folder",
+    "full_state_dict",
+    "replace_folder_atomically",
+    "write_folder_on_rank0",
+    "write_hf_folder",
+    "write_safetensors",
+]
 
 # Attention implementations every transformers install knows; custom ones (e.g. "ulysses") are reset on export.
 _STANDARD_ATTENTION = {"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"}
@@ -50,20 +58,17 @@ def _export_config(config: Any, architectures: list[str] | None, dtype: torch.dt
     return config
 
 
-def write_hf_folder(
+def write_safetensors(
     folder: str | os.PathLike,
     state_dict: dict[str, torch.Tensor],
-    config: Any,
-    generation_config: Any = None,
-    tokenizer: Any = None,
+    weights_name: str = "model",
     tied_keys: dict[str, str] | None = None,
-    architectures: list[str] | None = None,
     max_shard_size: int | str = "5GB",
-) -> None:
-    """Write config, safetensors weights (sharded by size, with an index when sharded), generation config and tokenizer.
+) -> torch.dtype | None:
+    """Write ``<weights_name>.safetensors`` (sharded by size, with an index when sharded) into ``folder``.
 
     ``tied_keys`` maps tied parameter names to their source (``model.all_tied_weights_keys``); the tied copies are
-    left out of the file, as ``save_pretrained`` does. Not atomic by itself: callers write into a temporary folder.
+    left out of the file, as ``save_pretrained`` does. Returns the floating dtype when all weights share one.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -83,16 +88,35 @@ def write_hf_folder(
         seen.add(ident)
         state_dict[key] = tensor.contiguous()
     float_dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
-    dtype = next(iter(float_dtypes)) if len(float_dtypes) == 1 else None
 
     split = split_torch_state_dict_into_shards(
-        state_dict, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        state_dict, filename_pattern=weights_name + "{suffix}.safetensors", max_shard_size=max_shard_size
     )
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state_dict[k] for k in keys}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / f"{weights_name}.safetensors.index.json").write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
+    return next(iter(float_dtypes)) if len(float_dtypes) == 1 else None
+
+
+def write_hf_folder(
+    folder: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    config: Any,
+    generation_config: Any = None,
+    tokenizer: Any = None,
+    tied_keys: dict[str, str] | None = None,
+    architectures: list[str] | None = None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """Write config, safetensors weights (:func:`write_safetensors`), generation config and tokenizer.
+
+    Not atomic by itself: callers write into a temporary folder.
+    """
+    dtype = write_safetensors(folder, state_dict, "model", tied_keys=tied_keys, max_shard_size=max_shard_size)
     _export_config(config, architectures, dtype).save_pretrained(folder)
     if generation_config is not None:
         generation_config.save_pretrained(folder)
@@ -100,7 +124,7 @@ def write_hf_folder(
         tokenizer.save_pretrained(folder)
 
 
-def _replace_folder_atomically(tmp: Path, out: Path) -> None:
+def replace_folder_atomically(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside and removed only once ``tmp`` is in place."""
     old = out.parent / f"{out.name}.old-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
@@ -118,7 +142,7 @@ def _replace_folder_atomically(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """All ranks take part; rank 0 gets full CPU tensors, the others an empty dict."""
     if dist.is_available() and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -126,6 +150,31 @@ def _full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def write_folder_on_rank0(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Collective: rank 0 runs ``write(tmp)`` into a temporary folder and swaps it in for ``out_dir`` atomically.
+
+    The other ranks wait and raise with rank 0's message if it failed; a failure leaves the previous ``out_dir``
+    untouched.
+    """
+    out = Path(out_dir)
+
+    def run() -> None:
+        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            write(tmp)
+            replace_folder_atomically(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    run_on_rank0_then_share(run, f"exporting to {out}")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return out
 
 
 def export_hf_folder(
@@ -138,30 +187,18 @@ def export_hf_folder(
     attention implementations are reset to ``"sdpa"`` in config.json and any ``quantization_config`` is dropped.
     Writing is atomic: a failure leaves the previous ``out_dir`` untouched. Returns ``out_dir``.
     """
-    out = Path(out_dir)
-    state_dict = _full_state_dict(model)
-    config = model.config
+    state_dict = full_state_dict(model)
 
-    def write() -> None:
-        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            write_hf_folder(
-                tmp,
-                state_dict,
-                config,
-                generation_config=getattr(model, "generation_config", None),
-                tokenizer=tokenizer,
-                tied_keys=getattr(model, "all_tied_weights_keys", None),
-                architectures=[_hf_class_name(model)],
-                max_shard_size=max_shard_size,
-            )
-            _replace_folder_atomically(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def write(tmp: Path) -> None:
+        write_hf_folder(
+            tmp,
+            state_dict,
+            model.config,
+            generation_config=getattr(model, "generation_config", None),
+            tokenizer=tokenizer,
+            tied_keys=getattr(model, "all_tied_weights_keys", None),
+            architectures=[_hf_class_name(model)],
+            max_shard_size=max_shard_size,
+        )
 
-    run_on_rank0_then_share(write, f"exporting to {out}")
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return out
+    return write_folder_on_rank0(out_dir, write)

@@ -5,7 +5,7 @@ The flow the training module follows::
     model = build_model_on_meta(config, attn_implementation, dtype)   # params on meta, buffers real on CPU
     ... fully_shard(...)                                              # params become DTensors on meta
     materialize_model(model, device)                                  # allocate each rank's shards
-    load_pretrained_weights(model, src)  /  init_random_weights(model, seed)
+    load_pretrained_weights(model, src)  /  init_random_weights(model, fill, seed)
 
 Both fillers work one full tensor at a time: the full tensor is built (read from safetensors, or generated) on every
 rank and each rank keeps only its own shard (``distribute_tensor(..., src_data_rank=None)`` slices locally, without
@@ -19,7 +19,7 @@ import copy
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +70,22 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_model_on_meta(config: Any, attn_implementation: str | None = None, dtype: torch.dtype | None = None) -> Any:
-    """Instantiate ``AutoModelForCausalLM.from_config(config)`` with parameters on meta and buffers real on CPU.
+def build_model_on_meta(
+    config: Any,
+    attn_implementation: str | None = None,
+    dtype: torch.dtype | None = None,
+    auto_class: Any = None,
+) -> Any:
+    """Instantiate ``auto_class.from_config(config)`` with parameters on meta and buffers real on CPU.
+
+    ``auto_class`` defaults to ``AutoModelForCausalLM``; a VLM passes e.g. ``AutoModelForImageTextToText``.
 
     Use it to build large models without allocating their weights, before sharding them with FSDP2 and calling
     :func:`materialize_model`. Tied weights (``tie_word_embeddings``) are tied as usual: the output projection's
     parameter is the embedding's parameter object. ``config`` is updated in place by transformers (dtype, attention).
     """
-    from transformers import AutoModelForCausalLM
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
 
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
@@ -85,11 +93,16 @@ def build_model_on_meta(config: Any, attn_implementation: str | None = None, dty
     if dtype is not None:
         kwargs["dtype"] = dtype
     with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, **kwargs)
+        model = auto_class.from_config(config, trust_remote_code=False, **kwargs)
+    check_on_meta(model)
+    return model
+
+
+def check_on_meta(model: nn.Module) -> None:
+    """Fail now, not with an out-of-memory error later, if a parameter was not created on the meta device."""
     not_meta = [n for n, p in model.named_parameters() if not p.is_meta]
     if not_meta:  # a module that bypasses register_parameter: better to fail now than to OOM later
         raise RuntimeError(f"build_model_on_meta: parameters {not_meta} were not created on the meta device.")
-    return model
 
 
 def materialize_model(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -143,12 +156,12 @@ def _check_materialized(model: nn.Module, what: str) -> None:
         raise RuntimeError(f"{what}: {len(meta)} tensors are still on meta (e.g. {meta[:3]}); call materialize_model.")
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
+def _weight_files(folder: Path, weights_name: str = "model") -> list[Path]:
+    index = folder / f"{weights_name}.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [folder / name for name in sorted(set(weight_map.values()))]
-    single = folder / "model.safetensors"
+    single = folder / f"{weights_name}.safetensors"
     if single.is_file():
         return [single]
     files = sorted(folder.glob("*.safetensors"))
@@ -171,7 +184,7 @@ def _matches_any(name: str, patterns: Any) -> bool:
     return any(re.search(p, name) for p in (patterns or ()))
 
 
-def load_pretrained_weights(model: nn.Module, src: ModelSource | str) -> None:
+def load_pretrained_weights(model: nn.Module, src: ModelSource | str, weights_name: str = "model") -> None:
     """Stream the safetensors weights of ``src`` into a materialized (optionally FSDP2-sharded) model.
 
     One tensor is read at a time; each rank copies only its shard. Tied weights are loaded once (from whichever tied
@@ -235,57 +248,40 @@ def load_pretrained_weights(model: nn.Module, src: ModelSource | str) -> None:
                 _copy_full_into(targets[key], f.get_tensor(key))
 
 
-def _owners(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
-    """(name, module, owning PreTrainedModel) in post-order, the order ``PreTrainedModel.initialize_weights`` uses.
-
-    Composite models dispatch each sub-model's own ``_init_weights``, so the owner is the nearest ``PreTrainedModel``
-    ancestor (or the module itself).
-    """
-    from transformers import PreTrainedModel
-
-    out: list[tuple[str, nn.Module, nn.Module]] = []
-
-    def visit(prefix: str, module: nn.Module, owner: nn.Module) -> None:
-        for name, child in module.named_children():
-            child_owner = child if isinstance(child, PreTrainedModel) else owner
-            visit(f"{prefix}.{name}" if prefix else name, child, child_owner)
-        out.append((prefix, module, owner))
-
-    visit("", model, model)
-    return out
-
-
 def _module_seed(seed: int, name: str) -> int:
     # Stable across processes and Python runs (unlike hash()), and independent of the iteration order.
     return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
 
 
-def init_random_weights(model: nn.Module, seed: int = 0, init_device: torch.device | str | None = None) -> None:
-    """Randomly initialise a materialized (optionally FSDP2-sharded) model with the HF model's ``_init_weights``.
+#: ``fill(name, module, tmp)`` initialises ``tmp``, a childless copy of ``module`` holding full-size tensors.
+InitFn = Callable[[str, nn.Module, nn.Module], None]
 
-    For each module with its own parameters/buffers (children first, like ``initialize_weights``), a temporary copy
-    holding full-size tensors is built on ``init_device``, the RNG is seeded from ``(seed, module name)``, the owning
-    model's ``_init_weights`` fills it, and each rank copies its shard of every full tensor into the real parameter.
-    All ranks therefore generate identical full tensors: the values do not depend on the parallel layout (world
-    size, FSDP/HSDP/SP) — only on ``seed``, the module names and the device type the values are generated on.
+
+def init_random_weights(
+    model: nn.Module, fill: InitFn, seed: int = 0, init_device: torch.device | str | None = None
+) -> None:
+    """Randomly initialise a materialized (optionally FSDP2-sharded) model, one module at a time, layout-independent.
+
+    For each module with its own parameters/buffers (children first, like transformers' ``initialize_weights``), a
+    temporary copy holding full-size tensors is built on ``init_device``, the RNG is seeded from ``(seed, module
+    name)``, ``fill`` initialises the copy (the model library's own init: transformers' ``_init_weights``, or
+    ``reset_parameters``; see the adapters), and each rank copies its shard of every full tensor into the real
+    parameter. All ranks generate identical full tensors: the values do not depend on the parallel layout (world
+    size, FSDP/HSDP/SP), only on ``seed``, the module names and the device type the values are generated on.
     ``init_device`` defaults to the parameters' device; pass ``"cpu"`` for values identical on CPU and GPU runs.
-    ``_init_weights`` sees a module without children: inits that reach into sub-modules are not supported.
+    ``fill`` sees a module without children: inits that reach into sub-modules are not supported.
     """
-    from transformers import PreTrainedModel
-
     _check_materialized(model, "init_random_weights")
     first = next(iter(model.parameters()), None)
     device = torch.device(init_device) if init_device is not None else (first.device if first is not None else "cpu")
-    for name, module, owner in _owners(model):
+    for name, module in _post_order(model):
         params = {k: p for k, p in module._parameters.items() if p is not None}
         buffers = {k: b for k, b in module._buffers.items() if b is not None}
         if not params and not buffers:
             continue
-        if not isinstance(owner, PreTrainedModel):
-            raise TypeError(f"init_random_weights needs a transformers PreTrainedModel, got {type(owner).__name__}.")
-        # A shallow copy of the module (same class, so _init_weights' isinstance checks match) with its own dicts.
+        # A shallow copy of the module (same class, so isinstance checks in the init match) with its own dicts.
         tmp = copy.copy(module)
-        # None entries (e.g. bias=False) are kept: _init_weights reads ``module.bias``.
+        # None entries (e.g. bias=False) are kept: inits read ``module.bias``.
         object.__setattr__(tmp, "_parameters", {k: None for k in module._parameters})
         object.__setattr__(tmp, "_buffers", {k: None for k in module._buffers})
         object.__setattr__(tmp, "_modules", {})
@@ -300,13 +296,26 @@ def init_random_weights(model: nn.Module, seed: int = 0, init_device: torch.devi
         with torch.random.fork_rng(devices=fork_devices, device_type=device.type):
             torch.manual_seed(_module_seed(seed, name))
             try:
-                owner._init_weights(tmp)
+                fill(name, module, tmp)
             except AttributeError as exc:
                 raise RuntimeError(
-                    f"init_random_weights: {type(owner).__name__}._init_weights({name or 'root'}) failed ({exc}); "
-                    f"it probably reads sub-modules, which the temporary copy does not have."
+                    f"init_random_weights: initialising {name or 'root'} ({type(module).__name__}) failed ({exc}); "
+                    f"the init probably reads sub-modules, which the temporary copy does not have."
                 ) from exc
         for k, p in params.items():
             _copy_full_into(p, tmp._parameters[k])
         for k, b in buffers.items():
             _copy_full_into(b, tmp._buffers[k])
+
+
+def _post_order(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) children first, the order transformers' ``initialize_weights`` uses."""
+    out: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            visit(f"{prefix}.{name}" if prefix else name, child)
+        out.append((prefix, module))
+
+    visit("", model)
+    return out

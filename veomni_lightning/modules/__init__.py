@@ -1,5 +1,6 @@
-"""LightningModules: text (dense, MoE) now; VLM, Omni and DiT follow the same pattern."""
+"""LightningModules: the training core (``base.TrainingModule``) and the family modules built on it."""
 
+from veomni_lightning.modules.base import Backbone, StepResult, TrainingModule
 from veomni_lightning.modules.causal_lm import CausalLMModule
 
-__all__ = ["CausalLMModule"]
+__all__ = ["Backbone", "CausalLMModule", "StepResult", "TrainingModule"]

@@ -2,12 +2,15 @@
 
 MFU formula (the one quoted in the README and the benchmark tables)::
 
-    flops_per_token = 6 · P + 12 · L · H · D · S
+    flops_per_token = 6 · (P − E) + 12 · L · H · D · S
     MFU             = flops_per_token · tokens_per_second_per_gpu / peak_flops_per_gpu
 
-with P the parameter count including the lm_head (tied embeddings counted once), L layers, H attention heads,
-D head dim, S the packed sequence length (tokens per micro-batch before SP slicing), and the peak the GPU's dense
-bf16 throughput (989 TFLOP/s for H100/H200 SXM).
+with P the parameter count, E the input-embedding table (a lookup, no matmul: it costs no FLOPs) — except when the
+embeddings are tied to the lm_head, where the one shared matrix is counted once, as the lm_head, and E = 0 —, L
+layers, H attention heads, D head dim, S the packed sequence length (tokens per micro-batch before SP slicing), and
+the peak the GPU's dense bf16 throughput (989 TFLOP/s for H100/H200 SXM). The attention term counts full
+(non-causal) attention, as the PaLM/Megatron convention does. MoE families count active experts only; families
+with encoders add their encoder FLOPs and state the formula.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["count_parameters", "flops_per_token", "device_peak_tflops", "ThroughputMeter"]
+__all__ = ["count_parameters", "input_embedding_parameters", "flops_per_token", "device_peak_tflops", "ThroughputMeter"]
 
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -33,12 +36,31 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def flops_per_token(config, num_params: int, seq_len: int) -> float:
-    """Training FLOPs per token by the formula in this module's docstring."""
+def input_embedding_parameters(model: nn.Module) -> int:
+    """Size of the input-embedding table that MFU leaves out: 0 when it is tied to the output projection.
+
+    ``model`` is a transformers model (``get_input_embeddings`` / ``get_output_embeddings``); a sharded DTensor
+    counts its full size.
+    """
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embed is None:
+        return 0
+    if head is not None and head.weight is embed.weight:
+        return 0
+    return embed.weight.numel()
+
+
+def flops_per_token(config, num_params: int, seq_len: int, embedding_params: int = 0) -> float:
+    """Training FLOPs per token by the formula in this module's docstring.
+
+    ``num_params`` counts every parameter once; ``embedding_params`` is the untied input-embedding table
+    (:func:`input_embedding_parameters`), which is subtracted.
+    """
     text = getattr(config, "text_config", config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 6.0 * num_params + 12.0 * text.num_hidden_layers * heads * head_dim * seq_len
+    return 6.0 * (num_params - embedding_params) + 12.0 * text.num_hidden_layers * heads * head_dim * seq_len
 
 
 def device_peak_tflops(device: torch.device) -> float | None:

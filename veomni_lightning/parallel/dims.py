@@ -5,11 +5,11 @@ Every consumer asks this module for a named sub-mesh; nothing else in the librar
 Mesh layout (outermost first): ``dp_replicate × dp_shard × sp``. Named sub-meshes:
 
 ======================  =================================  ==============================================
-name                    dims                               used for
+view (flattened dim)    dims                               used for
 ======================  =================================  ==============================================
-``dp``                  dp_replicate × dp_shard            data loading: ranks of one SP group see the same samples
-``dp_shard_sp``         dp_shard × sp                      FSDP2 parameter sharding (SP ranks shard weights too)
-``dp_sp``               dp_replicate × dp_shard × sp       loss / token-count reduction
+``batch`` (``dp``)      dp_replicate × dp_shard            data loading, token counts (replicated over sp)
+``fsdp`` (``dp_shard_sp``)  dp_shard × sp                  FSDP2 parameter sharding (SP ranks shard weights too)
+``loss`` (``dp_sp``)    dp_replicate × dp_shard × sp       loss-sum reduction
 ``sp``                  sp                                 Ulysses all-to-all
 ======================  =================================  ==============================================
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -77,11 +76,6 @@ class ParallelDims:
         """Number of data-parallel replicas of the batch (ranks of one SP group count once)."""
         return self.dp_replicate * self.dp_shard
 
-    @property
-    def fsdp_size(self) -> int:
-        """Ranks that shard the parameters."""
-        return self.dp_shard * self.sp
-
     def validate_attention(self, num_heads: int, num_kv_heads: int) -> None:
         """Check that the model's heads are consistent; raise a clear error otherwise.
 
@@ -125,29 +119,62 @@ class ParallelDims:
 
 
 class ParallelMesh:
-    """The device mesh with accessors for the named sub-meshes; handed to modules by the strategy."""
+    """The device mesh, reached only through views named by purpose; handed to modules by the strategy.
 
-    def __init__(self, dims: ParallelDims, mesh: DeviceMesh) -> None:
+    Views (each a :class:`DeviceMesh`, or ``None`` in a single process without a process group):
+
+    * ``batch``: ranks that read different samples (dp_replicate × dp_shard); the SP ranks of one group share a
+      batch rank. Token counts, which are replicated across SP ranks, are reduced over it.
+    * ``loss``: every rank holding distinct tokens of the global batch (dp × sp); loss sums are reduced over it.
+    * ``fsdp``: parameter sharding (dp_shard × sp), 2-D (dp_replicate, dp_shard × sp) for HSDP.
+    * ``sp``: the Ulysses group.
+
+    ``ParallelMesh.single_process(device_type)`` is the layout of one process without a process group: every size
+    is 1, every view and group ``None``, so callers need no special case.
+    """
+
+    _VIEWS = {"batch": "dp", "loss": "dp_sp", "sp": "sp"}
+
+    def __init__(self, dims: ParallelDims, mesh: DeviceMesh | None, device_type: str | None = None) -> None:
         self.dims = dims
         self.mesh = mesh
+        self._device_type = device_type if mesh is None else mesh.device_type
 
-    def __getitem__(self, name: str) -> DeviceMesh:
-        return self.mesh[name]
+    @classmethod
+    def single_process(cls, device_type: str) -> ParallelMesh:
+        """One process, no process group, no sharding."""
+        return cls(ParallelDims(world_size=1), None, device_type)
+
+    def view(self, name: str) -> DeviceMesh | None:
+        """The sub-mesh named by purpose (``batch``, ``loss``, ``fsdp``, ``sp``); ``None`` without a mesh."""
+        if name == "fsdp":
+            return self.fsdp_mesh
+        if name not in self._VIEWS:
+            raise KeyError(f"no mesh view named {name!r}; the views are {sorted([*self._VIEWS, 'fsdp'])}.")
+        return None if self.mesh is None else self.mesh[self._VIEWS[name]]
+
+    def group(self, name: str) -> dist.ProcessGroup | None:
+        """The process group of a view, or ``None`` when it has a single rank (nothing to communicate)."""
+        view = self.view(name)
+        return None if view is None or view.size() == 1 else view.get_group()
 
     @property
     def device_type(self) -> str:
-        return self.mesh.device_type
+        return self._device_type
 
     @property
-    def fsdp_mesh(self) -> DeviceMesh:
-        """1-D mesh for FSDP, or the 2-D (replicate, shard) mesh for HSDP."""
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """1-D mesh for FSDP, or the 2-D (replicate, shard) mesh for HSDP; ``None`` in a single process."""
+        if self.mesh is None:
+            return None
         if self.dims.dp_replicate > 1:
             return self.mesh["dp_replicate", "dp_shard_sp"]
         return self.mesh["dp_shard_sp"]
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank()
+        """This rank's index among the data-parallel replicas (the ``batch`` view)."""
+        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
 
     @property
     def dp_size(self) -> int:
@@ -155,7 +182,7 @@ class ParallelMesh:
 
     @property
     def sp_rank(self) -> int:
-        return self.mesh["sp"].get_local_rank()
+        return 0 if self.mesh is None else self.mesh["sp"].get_local_rank()
 
     @property
     def sp_size(self) -> int:
@@ -164,18 +191,21 @@ class ParallelMesh:
     @property
     def sp_group(self) -> dist.ProcessGroup | None:
         """The Ulysses group, or None without sequence parallelism (attention then runs locally)."""
-        return self.mesh["sp"].get_group() if self.dims.sp > 1 else None
+        return self.group("sp")
 
     @property
-    def loss_group(self) -> dist.ProcessGroup:
-        """All ranks that hold distinct tokens of the global batch (dp × sp)."""
-        return self.mesh["dp_sp"].get_group()
+    def loss_group(self) -> dist.ProcessGroup | None:
+        """All ranks that hold distinct tokens of the global batch (dp × sp); None when that is one rank."""
+        return self.group("loss")
+
+    @property
+    def batch_group(self) -> dist.ProcessGroup | None:
+        """The data-parallel replicas (dp); None when there is one."""
+        return self.group("batch")
 
     def __repr__(self) -> str:
         d = self.dims
-        return f"ParallelMesh(dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, sp={d.sp}, ep={d.ep}, device={self.device_type})"
-
-
-def world_device_type() -> str:
-    """``cuda`` when a GPU is visible to this process, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return (
+            f"ParallelMesh(dp_replicate={d.dp_replicate}, dp_shard={d.dp_shard}, sp={d.sp}, ep={d.ep}, "
+            f"device={self.device_type})"
+        )

@@ -14,9 +14,15 @@ import torch
 
 __all__ = ["shard_packed_batch", "SEQUENCE_KEYS"]
 
-#: Per-token tensors ``[batch, seq]`` that are padded and sliced along the sequence dim.
-SEQUENCE_KEYS = ("input_ids", "labels", "position_ids")
-_PAD_VALUES = {"input_ids": 0, "labels": -100, "position_ids": None}
+#: Per-token tensors that are padded and sliced along the sequence dim: key -> (sequence dim, pad value).
+#: ``inputs_embeds`` ``[batch, seq, hidden]`` is what multimodal families build on the full sequence before the cut;
+#: ``position_ids`` padding restarts at 0 (``None``).
+SEQUENCE_KEYS: dict[str, tuple[int, float | None]] = {
+    "input_ids": (-1, 0),
+    "labels": (-1, -100),
+    "position_ids": (-1, None),
+    "inputs_embeds": (-2, 0.0),
+}
 
 
 def shard_packed_batch(batch: dict[str, Any], sp_rank: int, sp_size: int) -> dict[str, Any]:
@@ -27,19 +33,21 @@ def shard_packed_batch(batch: dict[str, Any], sp_rank: int, sp_size: int) -> dic
 
     Returns a new dict; tensors not in :data:`SEQUENCE_KEYS` pass through unchanged.
     """
-    seq_len = batch["input_ids"].shape[-1]
+    seq_len = batch["labels"].shape[-1]
     pad = (-seq_len) % sp_size
     out = dict(batch)
     if pad:
-        for key in SEQUENCE_KEYS:
+        for key, (dim, value) in SEQUENCE_KEYS.items():
             if key not in batch:
                 continue
             x = batch[key]
-            if key == "position_ids":
-                filler = torch.arange(pad, device=x.device, dtype=x.dtype).expand(*x.shape[:-1], pad)
+            shape = list(x.shape)
+            shape[dim] = pad
+            if value is None:
+                filler = torch.arange(pad, device=x.device, dtype=x.dtype).expand(*shape)
             else:
-                filler = x.new_full((*x.shape[:-1], pad), _PAD_VALUES[key])
-            out[key] = torch.cat([x, filler], dim=-1)
+                filler = x.new_full(shape, value)
+            out[key] = torch.cat([x, filler], dim=dim)
         if "cu_seqlens" in batch:
             cu = batch["cu_seqlens"]
             out["cu_seqlens"] = torch.cat([cu, cu.new_full((1,), seq_len + pad)])
@@ -48,7 +56,9 @@ def shard_packed_batch(batch: dict[str, Any], sp_rank: int, sp_size: int) -> dic
     if sp_size == 1:
         return out
     local = (seq_len + pad) // sp_size
-    for key in SEQUENCE_KEYS:
+    for key, (dim, _) in SEQUENCE_KEYS.items():
         if key in out:
-            out[key] = out[key][..., sp_rank * local : (sp_rank + 1) * local]
+            # A view: autograd gives the cut tensor (e.g. inputs_embeds) this rank's gradient contribution, zero
+            # outside the slice; the SP ranks' contributions are summed by the gradient reduction.
+            out[key] = out[key].narrow(dim, sp_rank * local, local)
     return out

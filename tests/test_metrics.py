@@ -1,0 +1,66 @@
+"""MFU accounting: the input-embedding table is left out of 6·P, the lm_head stays in, tied embeddings count once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+VOCAB, SEQ = 96, 128
+
+
+def _model(family: str, tied: bool, **shape):
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, tie_word_embeddings=tied, **{**TINY, **shape})
+    torch.manual_seed(0)
+    return config, AutoModelForCausalLM.from_config(config)
+
+
+def _attention(config) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 12.0 * config.num_hidden_layers * config.num_attention_heads * head_dim * SEQ
+
+
+def test_tied_qwen3_counts_the_shared_matrix_once_as_the_lm_head():
+    config, model = _model("qwen3", tied=True, head_dim=8)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert input_embedding_parameters(model) == 0
+    n = count_parameters(model)
+    assert n == sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name) + VOCAB * 32
+    assert flops_per_token(config, n, SEQ, input_embedding_parameters(model)) == 6.0 * n + _attention(config)
+
+
+def test_untied_llama_leaves_out_the_input_embedding_table_only():
+    config, model = _model("llama", tied=False)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    embedding = input_embedding_parameters(model)
+    assert embedding == VOCAB * config.hidden_size
+    n = count_parameters(model)
+    without_embedding = sum(p.numel() for name, p in model.named_parameters() if name != "model.embed_tokens.weight")
+    assert n - embedding == without_embedding  # the lm_head (vocab × hidden as well) stays in
+    assert flops_per_token(config, n, SEQ, embedding) == 6.0 * without_embedding + _attention(config)
+    assert flops_per_token(config, n, SEQ) - flops_per_token(config, n, SEQ, embedding) == 6.0 * embedding
+
+
+def test_bench_counts_and_recomputed_qwen3_8b_mfu(monkeypatch):
+    """The bench reports E from the model it trained, and the committed 8B table is rescored by the new rule."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import text_throughput
+    import text_workers
+
+    _, model = _model("llama", tied=False)
+    assert text_workers._sizes(model) == {"n_params": count_parameters(model), "embedding_params": VOCAB * 32}
+    assert text_throughput.shape_parameters("qwen3-8b") == (8_190_735_360, 151_936 * 4096)
+    assert text_throughput.shape_parameters("qwen3-1.7b")[1] == 0  # tied: unchanged by the rule
+    result = REPO / "bench" / "results" / "issue3" / "h200x2_8b_8k.json"
+    measured = {r["run"]: r["mfu"] for r in json.loads(result.read_text())["rows"]}
+    rescored = {r["run"]: r["mfu"] for r in text_throughput.rescored(result)["rows"]}
+    assert round(100 * measured["c"], 1) == 57.8 and round(100 * rescored["c"], 1) == 54.4
+    for run, old in measured.items():
+        assert rescored[run] == pytest.approx(old * 0.9413, rel=1e-4)  # 1 − 6E / (6P + 12·L·H·D·S) at 8k

@@ -1,0 +1,191 @@
+"""Model adapters: what the parallel core and the training core need to know of a model of some library.
+
+The parallel core (``veomni_lightning.parallel``) knows no model library. It receives, from an adapter, the blocks to
+shard / checkpoint / compile and a function that turns checkpointing on for chosen blocks; the training core asks the
+adapter to random-init, stream pretrained weights into the shards, and export a folder the library loads back.
+
+* :class:`ModelAdapter` serves plain ``torch.nn`` modules (the module is one block; init by ``reset_parameters``).
+* :class:`TransformersAdapter`: ``PreTrainedModel`` (blocks from ``_no_split_modules``, the model's own non-reentrant
+  checkpointing and ``_init_weights``, ``model.safetensors`` folders that ``from_pretrained`` loads).
+* :class:`DiffusersAdapter`: diffusers ``ModelMixin`` (blocks from ``_no_split_modules`` / ``_repeated_blocks``,
+  ``diffusion_pytorch_model.safetensors`` folders that ``ModelMixin.from_pretrained`` and pipelines load).
+
+:func:`adapter_for` picks the adapter of a model by its type.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .export import export_hf_folder, full_state_dict, write_folder_on_rank0, write_safetensors
+from .loading import init_random_weights, load_pretrained_weights
+
+__all__ = ["ModelAdapter", "TransformersAdapter", "DiffusersAdapter", "adapter_for", "blocks_by_class_name"]
+
+
+def blocks_by_class_name(model: nn.Module, class_names: Iterable[str]) -> list[nn.Module]:
+    """The outermost sub-modules of ``model`` whose class name is in ``class_names``, in module order."""
+    names = set(class_names)
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # A block class may nest another listed class (rare); keep only the outermost.
+    inner = {id(c) for b in blocks for c in b.modules() if c is not b}
+    return [b for b in blocks if id(b) not in inner]
+
+
+def _checkpointed_forward(block: nn.Module) -> None:
+    """Make ``block`` recompute its forward in backward (non-reentrant), keeping its parameter names.
+
+    An instance attribute replaces ``forward`` (a wrapper module would add a name prefix and break loading and
+    export); module hooks (FSDP2's) still run around the call, as they do around torchtitan's checkpoint wrapper.
+    """
+    inner = block.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+
+
+class ModelAdapter:
+    """Adapter for a plain ``torch.nn`` module: the whole module is one block, random init is ``reset_parameters``.
+
+    Subclasses answer the same questions for a model library. Every method takes the model as an argument, so one
+    adapter instance serves any number of models.
+    """
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The repeated units that FSDP shards one by one, checkpointing recomputes and compile compiles."""
+        return [model]
+
+    def enable_checkpointing(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        """Recompute each of ``blocks`` (a subset of :meth:`blocks`) in backward."""
+        for block in blocks:
+            _checkpointed_forward(block)
+
+    def init_random_weights(self, model: nn.Module, seed: int) -> None:
+        """Random init, identical whatever the parallel layout: each module's ``reset_parameters``, seeded by name."""
+
+        def fill(name: str, module: nn.Module, tmp: nn.Module) -> None:
+            if hasattr(tmp, "reset_parameters"):
+                tmp.reset_parameters()
+            elif any(p is not None for p in tmp._parameters.values()):
+                raise TypeError(
+                    f"{name or 'root'} ({type(module).__name__}) holds parameters but has no reset_parameters(); "
+                    "give it one, or load pretrained weights."
+                )
+
+        init_random_weights(model, fill, seed=seed)
+
+    def load_weights(self, model: nn.Module, folder: str | os.PathLike) -> None:
+        """Stream ``model.safetensors`` (or sharded) weights from ``folder`` into the (sharded) parameters."""
+        load_pretrained_weights(model, folder)
+
+    def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
+        """Write the full weights as ``model.safetensors`` in ``out_dir`` (collective; atomic)."""
+        state_dict = full_state_dict(model)
+        return write_folder_on_rank0(out_dir, lambda tmp: write_safetensors(tmp, state_dict, "model"))
+
+
+class TransformersAdapter(ModelAdapter):
+    """Adapter for transformers ``PreTrainedModel`` (decoders, VLMs, omni thinkers, encoders)."""
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        # transformers declares the module classes that must not be split across devices; for decoders and towers
+        # those are the layers, exactly the unit FSDP should shard and checkpointing should recompute.
+        names = getattr(model, "_no_split_modules", None) or []
+        blocks = blocks_by_class_name(model, names)
+        if not blocks:
+            raise ValueError(
+                f"{type(model).__name__} declares no _no_split_modules, so its transformer blocks cannot be found. "
+                "Pass the blocks explicitly (override the family module's blocks())."
+            )
+        return blocks
+
+    def enable_checkpointing(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        # The model's own non-reentrant checkpointing forwards every keyword argument (the SP group, packed
+        # sequence metadata) into the recomputed layer and keeps parameter names.
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False
+        chosen = {id(b) for b in blocks}
+        for block in self.blocks(model):
+            if id(block) not in chosen:
+                if not hasattr(block, "gradient_checkpointing"):
+                    raise ValueError(f"{type(block).__name__} has no per-block gradient_checkpointing switch.")
+                block.gradient_checkpointing = False
+
+    def init_random_weights(self, model: nn.Module, seed: int) -> None:
+        from transformers import PreTrainedModel
+
+        # Composite models dispatch each sub-model's own _init_weights: the owner is the nearest PreTrainedModel.
+        owners: dict[int, nn.Module] = {}
+
+        def visit(module: nn.Module, owner: nn.Module) -> None:
+            owners[id(module)] = owner
+            for child in module.children():
+                visit(child, child if isinstance(child, PreTrainedModel) else owner)
+
+        visit(model, model)
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"TransformersAdapter needs a transformers PreTrainedModel, got {type(model).__name__}.")
+
+        def fill(name: str, module: nn.Module, tmp: nn.Module) -> None:
+            owners[id(module)]._init_weights(tmp)
+
+        init_random_weights(model, fill, seed=seed)
+
+    def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
+        """A folder ``from_pretrained`` loads; ``extras``: ``tokenizer`` (or processor) saved beside the weights."""
+        return export_hf_folder(model, out_dir, tokenizer=extras.get("tokenizer"))
+
+
+class DiffusersAdapter(ModelAdapter):
+    """Adapter for diffusers ``ModelMixin`` models (e.g. ``WanTransformer3DModel``).
+
+    Random init uses each module's ``reset_parameters`` (diffusers models rely on torch's default inits); a custom
+    init written in a model's ``__init__`` is not reproduced, so train DiTs from pretrained weights.
+    """
+
+    weights_name = "diffusion_pytorch_model"
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        names = [*(getattr(model, "_no_split_modules", None) or []), *(getattr(model, "_repeated_blocks", None) or [])]
+        blocks = blocks_by_class_name(model, names)
+        if not blocks:
+            raise ValueError(
+                f"{type(model).__name__} declares no _no_split_modules/_repeated_blocks, so its blocks cannot be "
+                "found. Pass the blocks explicitly (override the family module's blocks())."
+            )
+        return blocks
+
+    def load_weights(self, model: nn.Module, folder: str | os.PathLike) -> None:
+        load_pretrained_weights(model, folder, weights_name=self.weights_name)
+
+    def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
+        """A folder ``ModelMixin.from_pretrained`` loads: ``config.json`` + ``diffusion_pytorch_model.safetensors``."""
+        state_dict = full_state_dict(model)
+
+        def write(tmp: Path) -> None:
+            write_safetensors(tmp, state_dict, self.weights_name)
+            model.save_config(tmp)
+
+        return write_folder_on_rank0(out_dir, write)
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of ``model``'s library: transformers, diffusers, or plain torch."""
+    for cls in type(model).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith("transformers.") and cls.__name__ == "PreTrainedModel":
+            return TransformersAdapter()
+        if module.startswith("diffusers.") and cls.__name__ == "ModelMixin":
+            return DiffusersAdapter()
+    return ModelAdapter()
