@@ -89,10 +89,11 @@ def _config(spec: dict) -> Any:
 
 def _hf_model_on(device: torch.device, spec: dict, attn: str) -> tuple[torch.nn.Module, Any]:
     """The HF model on meta and a callable that materialises it and applies the shared random init."""
-    from veomni_lightning.models import build_model_on_meta, init_random_weights, materialize_model
+    from veomni_lightning.models import TransformersAdapter, build_model_on_meta, materialize_model
 
     model = build_model_on_meta(_config(spec), attn_implementation=attn, dtype=torch.float32)
-    return model, lambda: (materialize_model(model, device), init_random_weights(model, seed=spec["seed"]))
+    init = TransformersAdapter().init_random_weights
+    return model, lambda: (materialize_model(model, device), init(model, seed=spec["seed"]))
 
 
 def _rank_share(stream: list[list[dict]], dp_rank: int, dp_size: int) -> list[list[dict]]:
@@ -249,6 +250,7 @@ def run_lightning_today(spec: dict, stream: list[list[dict]]) -> dict:
 # ------------------------------------------------------------------------------------------------------ (c) ours
 def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
     from veomni_lightning.modules import CausalLMModule
+    from veomni_lightning.parallel import ParallelConfig
     from veomni_lightning.strategies import VeOmniStrategy
 
     device = _device()
@@ -265,17 +267,18 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
         max_grad_norm=MAX_GRAD_NORM,
         init_seed=spec["seed"],
         ce_chunk_size=spec["ce_chunk"],
-        compile_blocks=spec["compile"],
         attn_implementation=spec["attn"],
     )
-    strategy = VeOmniStrategy(
+    parallel = ParallelConfig(
         sp_size=spec["sp"],
         param_dtype=spec["dtype"],
         reduce_dtype="fp32",
         activation_checkpointing=spec["ac"],
         checkpoint_fraction=spec["ac_frac"],
         reshard_after_forward=spec["reshard"],
+        compile_blocks=spec["compile"],
     )
+    strategy = VeOmniStrategy(parallel=parallel)
     data, timer, make_trainer = _lightning_parts(spec, stream, per_micro_batch=False)
     make_trainer(strategy, timer).fit(module, datamodule=data)
     return {**_sizes(module.model.hf_model), **_finish(timer.clock, device)}

@@ -5,10 +5,10 @@ the same ``dp_replicate × dp_shard × sp`` mesh as the Trainer strategy; ``fabr
 ``CausalLMModule.parallelize`` build, shard and load the model; ``TextDataModule`` yields, per optimizer step, this
 data-parallel rank's list of packed micro-batches. The loop below is all that is left to write:
 
-* per step, count the loss tokens of the *global* batch (``module.global_token_count``);
-* per micro-batch, back-propagate ``module.loss_sum(micro_batch) / n_tokens`` (SP slicing happens inside);
-* clip the global grad norm, step AdamW and the warm-up + cosine schedule;
-* log the global token-mean loss (the loss sums reduced over the mesh's ``loss_group``);
+* per step, ``module.run_step(step_batch, optimizer=..., scheduler=..., backward=fabric.backward)``: the same step
+  the Trainer runs (global token counts, per-micro-batch backward of each rank's share, clipping, AdamW, schedule);
+* on logging steps only, read the metrics (``module.step_metrics``: loss, grad norm, lr, tokens/s) — reading them
+  is the step's only host-device sync;
 * every ``--save-every`` steps write a sharded checkpoint (``fabric.save``: model and optimizer shards, scheduler,
   data position); ``--resume`` continues from one exactly where it stopped (``fabric.load``);
 * at the end export a plain Hugging Face folder (``module.export_hf``) that ``from_pretrained`` loads.
@@ -34,7 +34,6 @@ Under ``torchrun`` (or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK) Fabric u
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ import torch
 
 from veomni_lightning.data import TextDataModule
 from veomni_lightning.modules import CausalLMModule
-from veomni_lightning.modules.causal_lm import clip_grad_norm
+from veomni_lightning.parallel import ParallelConfig
 from veomni_lightning.strategies import VeOmniFabricStrategy
 
 
@@ -66,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="data shuffling seed")
     p.add_argument("--out", default="runs/fabric_sft", help="checkpoints/ and the exported hf/ folder go here")
+    p.add_argument("--log-every", type=int, default=1, help="print metrics every N steps (each print syncs)")
     p.add_argument("--save-every", type=int, default=0, help="save a sharded checkpoint every N steps (0: never)")
     p.add_argument("--resume", default=None, help="checkpoint folder written by --save-every to continue from")
     p.add_argument("--no-export", action="store_true", help="skip the final Hugging Face export")
@@ -75,9 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace) -> list[float]:
     """Run the loop; return the per-step (global token-mean) losses of the steps run in this call."""
     # ---------------------------------------------------------------- processes, mesh, model, data
-    strategy = VeOmniFabricStrategy(
-        sp_size=args.sp_size, dp_replicate_size=args.dp_replicate, param_dtype=args.param_dtype
-    )
+    parallel = ParallelConfig(sp_size=args.sp_size, dp_replicate_size=args.dp_replicate, param_dtype=args.param_dtype)
+    strategy = VeOmniFabricStrategy(parallel=parallel)
     fabric = L.Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy)
     fabric.launch()  # spawns the processes (unless a launcher already did) and builds the mesh
     mesh = strategy.parallel_mesh
@@ -85,12 +84,11 @@ def train(args: argparse.Namespace) -> list[float]:
     module = CausalLMModule(
         model=args.model, learning_rate=args.lr, warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm
     )
-    model = fabric.setup(module)  # -> module.parallelize(mesh, fsdp_config): build on meta, shard, load weights
+    model = fabric.setup(module)  # -> module.setup_model(mesh, parallel config): build on meta, shard, load
 
     # Trainer-less, the module cannot know the schedule's horizon: take its AdamW, build the schedule from --steps.
     optimizer, scheduler = module.build_optimizer(total_steps=args.steps)
     optimizer = fabric.setup_optimizers(optimizer)
-    hp = module.hparams
 
     dm = TextDataModule(
         train_files=args.train_files,
@@ -117,30 +115,19 @@ def train(args: argparse.Namespace) -> list[float]:
     dm.consumed_steps = start  # the data module's resumable position (a Trainer would track it itself)
 
     # ---------------------------------------------------------------- the loop
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     loader = dm.train_dataloader()  # starts at the consumed step
-    tick = time.perf_counter()
     for step, step_batch in zip(range(start, args.steps), loader):
-        n_tokens = module.global_token_count(step_batch)  # loss tokens of all micro-batches on all dp ranks
-        loss_sum = torch.zeros((), device=fabric.device)
-        for micro_batch in step_batch:
-            mb_loss_sum = module.loss_sum(fabric.to_device(micro_batch))  # this rank's SP slice, summed
-            fabric.backward(mb_loss_sum / n_tokens.to(mb_loss_sum.dtype))
-            loss_sum += mb_loss_sum.detach()
-        grad_norm = clip_grad_norm(module.model.parameters(), hp.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-
+        result = module.run_step(step_batch, optimizer=optimizer, scheduler=scheduler, backward=fabric.backward)
         state["step"] = dm.consumed_steps = step + 1
-        loss = float(module.global_mean_loss(loss_sum, n_tokens))  # sum over dp × sp, mean over global tokens
-        losses.append(loss)
-        now = time.perf_counter()
-        fabric.print(
-            f"step {step + 1}/{args.steps}  loss {loss:.4f}  grad_norm {float(grad_norm):.3f}  "
-            f"lr {scheduler.get_last_lr()[0]:.2e}  tokens {int(n_tokens)}  {now - tick:.2f}s"
-        )
-        tick = now
+        losses.append(result.loss)  # a device tensor: read after the loop, not per step
+        if state["step"] % args.log_every == 0 or state["step"] == args.steps:
+            metrics = module.step_metrics(result, scheduler.get_last_lr()[0])
+            fabric.print(
+                f"step {state['step']}/{args.steps}  loss {float(metrics['train/loss']):.4f}  "
+                f"grad_norm {float(metrics['train/grad_norm']):.3f}  lr {metrics['train/lr']:.2e}  "
+                f"tokens/s {metrics.get('train/tokens_per_s_per_device', float('nan')):.0f}"
+            )
         if args.save_every and state["step"] % args.save_every == 0:
             path = out / "checkpoints" / f"step-{state['step']:06d}"
             fabric.save(path, state)  # every rank writes its shards; scheduler/data/step go to meta.pt
@@ -150,7 +137,7 @@ def train(args: argparse.Namespace) -> list[float]:
     if not args.no_export:
         module.export_hf(str(out / "hf"), tokenizer=dm.tokenizer)  # collective: every rank takes part
         fabric.print(f"exported {out / 'hf'}")
-    return losses
+    return [float(loss) for loss in losses]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,6 @@ from veomni_lightning.parallel.attention import (
     register_attention_functions,
     ulysses_attention,
 )
-from veomni_lightning.parallel.ulysses import gather_from_ranks, slice_for_rank
 
 # --------------------------------------------------------------------------------------------- kernel-level checks
 
@@ -202,18 +201,22 @@ def _model_worker(rank: int, world: int) -> dict[str, torch.Tensor]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ids, pos, cu = _packed_inputs()
+        chunk = ids.shape[1] // world
         local = model(
-            slice_for_rank(ids, 1, group),
-            position_ids=slice_for_rank(pos, 1, group),
+            ids.narrow(1, rank * chunk, chunk),
+            position_ids=pos.narrow(1, rank * chunk, chunk),
             use_cache=False,
             **packed_attention_kwargs(cu, max(MODEL_SEGMENTS), group),
         ).logits
-        logits = gather_from_ranks(local, 1, group)
+        # Forward comparison on the gathered sequence (detached: the loss below uses only the local logits).
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach().contiguous(), group=group)
+        logits = torch.cat(parts, dim=1)
         torch.testing.assert_close(logits, _eager_per_segment(model_type, model.state_dict()), atol=1e-5, rtol=1e-4)
-        out[f"{model_type}_logits"] = logits.detach()
+        out[f"{model_type}_logits"] = logits
         # A loss over the local tokens; the per-rank parameter gradients must sum to the single-process ones.
         w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
-        (local * slice_for_rank(w, 1, group)).sum().backward()
+        (local * w.narrow(1, rank * chunk, chunk)).sum().backward()
         out[f"{model_type}_grad"] = model.model.layers[0].self_attn.q_proj.weight.grad
     return out
 

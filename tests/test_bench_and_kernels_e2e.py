@@ -14,11 +14,12 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-from veomni_lightning.models import build_model_on_meta, config_from_model_type, init_random_weights, materialize_model
+from veomni_lightning.models import TransformersAdapter, build_model_on_meta, config_from_model_type, materialize_model
 from veomni_lightning.models.causal_lm import CausalLMWithLoss
-from veomni_lightning.modules.causal_lm import clip_grad_norm
+from veomni_lightning.parallel import ParallelConfig, clip_grad_norm, parallelize_model
 from veomni_lightning.parallel.attention import packed_attention_kwargs
-from veomni_lightning.parallel.fsdp import FSDPConfig, find_transformer_blocks, parallelize_model
+
+HF = TransformersAdapter()
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -29,10 +30,11 @@ def _model(layers: int = 2, **fsdp) -> tuple[CausalLMWithLoss, torch.nn.Module]:
     hf = build_model_on_meta(config_from_model_type("qwen3", overrides={**SHAPE, "num_hidden_layers": layers}),
                              attn_implementation="ulysses", dtype=torch.float32)  # fmt: skip
     root = CausalLMWithLoss(hf, ce_chunk_size=32)
-    compile_blocks = fsdp.pop("compile_blocks", False)
-    parallelize_model(hf, root, None, FSDPConfig(**fsdp), compile_blocks=compile_blocks)
+    parallelize_model(
+        root, HF.blocks(hf), None, ParallelConfig(**fsdp), lambda blocks: HF.enable_checkpointing(hf, blocks)
+    )
     materialize_model(hf, "cpu")
-    init_random_weights(hf, seed=0)
+    HF.init_random_weights(hf, seed=0)
     return root, hf
 
 
@@ -41,7 +43,7 @@ def _loss_and_grad_norm(root: CausalLMWithLoss) -> tuple[float, float]:
     ids = torch.randint(0, 300, (1, 100), generator=g)
     pos = torch.cat([torch.arange(40), torch.arange(60)])[None]
     cu = torch.tensor([0, 40, 100], dtype=torch.int32)
-    loss = root(ids, ids.roll(-1, 1), pos, **packed_attention_kwargs(cu, 60, None))
+    loss = root(ids.roll(-1, 1), pos, input_ids=ids, **packed_attention_kwargs(cu, 60, None))
     loss.backward()
     norm = torch.nn.utils.get_total_norm([p.grad for p in root.parameters()]).item()
     root.zero_grad(set_to_none=True)
@@ -87,18 +89,18 @@ def test_clip_grad_norm_clips_sharded_dtensor_gradients():
 def test_checkpoint_fraction_spreads_recomputed_blocks_and_keeps_numbers():
     eager = _loss_and_grad_norm(_model(layers=4)[0])
     root, hf = _model(layers=4, activation_checkpointing=True, checkpoint_fraction=0.5)
-    assert [b.gradient_checkpointing for b in find_transformer_blocks(hf)] == [False, True, False, True]
+    assert [b.gradient_checkpointing for b in HF.blocks(hf)] == [False, True, False, True]
     got = _loss_and_grad_norm(root)
     assert got == pytest.approx(eager, rel=1e-5)
     with pytest.raises(ValueError, match="checkpoint_fraction must be in"):
-        FSDPConfig(activation_checkpointing=True, checkpoint_fraction=0.0)
+        ParallelConfig(activation_checkpointing=True, checkpoint_fraction=0.0)
 
 
 @pytest.mark.parametrize("ac", [False, True], ids=["no_ac", "ac"])
 def test_compiled_blocks_equal_eager(ac):
     eager = _loss_and_grad_norm(_model()[0])
     root, hf = _model(compile_blocks=True, activation_checkpointing=ac)
-    assert all(b._compiled_call_impl is not None for b in find_transformer_blocks(hf))
+    assert all(b._compiled_call_impl is not None for b in HF.blocks(hf))
     names = {n for n, _ in hf.named_parameters()}
     assert "model.layers.0.self_attn.q_proj.weight" in names  # compiling in place keeps checkpoint names
     for _ in range(2):  # second call: the cached graphs

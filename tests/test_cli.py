@@ -58,7 +58,7 @@ def test_print_config(tmp_path):
     config = yaml.safe_load(proc.stdout)
     strategy = config["trainer"]["strategy"]
     assert strategy["class_path"].endswith("VeOmniStrategy")
-    assert strategy["init_args"]["param_dtype"] == "fp32" and strategy["init_args"]["sp_size"] == 1
+    assert strategy["init_args"]["parallel"]["param_dtype"] == "fp32" and strategy["init_args"]["parallel"]["sp_size"] == 1
     assert config["model"]["class_path"].endswith("CausalLMModule")
     assert config["data"]["class_path"].endswith("TextDataModule")
     for name in ("VeOmniStrategy", "CausalLMModule", "TextDataModule"):
@@ -97,7 +97,7 @@ def _fit_tiny(tmp_path: Path, name: str, extra: list[str]) -> list[dict[str, str
 def tiny_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_cli")
     single = _fit_tiny(tmp, "single", [])
-    sp2 = _fit_tiny(tmp, "sp2", ["--trainer.devices", "2", "--trainer.strategy.sp_size", "2"])
+    sp2 = _fit_tiny(tmp, "sp2", ["--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2"])
     return single, sp2
 
 
@@ -131,9 +131,9 @@ def test_tiny_config_sp2_matches_single_process(tiny_runs):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--trainer.strategy.param_dtype", "fp8"], ["param_dtype", "fp8", "'fp32', 'bf16', 'fp16'"]),
+        (["--trainer.strategy.parallel.param_dtype", "fp8"], ["param_dtype", "fp8", "'fp32', 'bf16', 'fp16'"]),
         (["--trainer.strategy.no_such_arg", "3"], ["VeOmniStrategy", "no_such_arg", "not accepted"]),
-        (["--trainer.strategy.sp_size", "two"], ["sp_size", "two"]),
+        (["--trainer.strategy.parallel.sp_size", "two"], ["sp_size", "two"]),
     ],
     ids=["param_dtype_fp8", "unknown_strategy_arg", "non_int_sp"],
 )
@@ -155,7 +155,7 @@ def test_impossible_layout_from_cli(tmp_path, monkeypatch):
     from veomni_lightning.parallel.dims import ParallelLayoutError
 
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(TINY_CONFIG), "--trainer.strategy.sp_size", "3", "--trainer.max_steps", "1"]
+    args = ["fit", "--config", str(TINY_CONFIG), "--trainer.strategy.parallel.sp_size", "3", "--trainer.max_steps", "1"]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.enable_progress_bar", "false"]
     with pytest.raises(ParallelLayoutError, match=r"world size 1 is not divisible by dp_replicate \(1\) × sp \(3\)"):
         build_cli(args)

@@ -18,10 +18,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from veomni_lightning.models import (
+    DiffusersAdapter,
     ModelSource,
+    TransformersAdapter,
+    adapter_for,
     build_model_on_meta,
     export_hf_folder,
-    init_random_weights,
     load_config,
     load_pretrained_weights,
     materialize_model,
@@ -75,7 +77,7 @@ def _fsdp_model(folder: str, random_seed: int | None = None):
     if random_seed is None:
         load_pretrained_weights(model, src)
     else:
-        init_random_weights(model, seed=random_seed)
+        TransformersAdapter().init_random_weights(model, seed=random_seed)
     return model
 
 
@@ -173,7 +175,7 @@ def test_init_random_weights_single_process_is_sane_and_seeded():
     def build(seed: int):
         model = build_model_on_meta(_tiny_config("llama", tied=False), dtype=torch.float32)
         materialize_model(model, "cpu")
-        init_random_weights(model, seed=seed)
+        TransformersAdapter().init_random_weights(model, seed=seed)
         return model
 
     a, b, c = build(0), build(0), build(1)
@@ -210,7 +212,7 @@ def test_failed_export_keeps_previous_export(tmp_path, monkeypatch):
 def test_export_writes_standard_config_and_shards(tmp_path):
     model = build_model_on_meta(_tiny_config("llama", tied=True), attn_implementation="eager", dtype=torch.float32)
     materialize_model(model, "cpu")
-    init_random_weights(model, seed=3)
+    TransformersAdapter().init_random_weights(model, seed=3)
     want = _logits(model)
     model.config._attn_implementation = "my_custom_attention"  # what a registered "ulysses" looks like
     out = export_hf_folder(model, tmp_path / "out", max_shard_size="40KB")
@@ -353,7 +355,7 @@ def test_export_failure_on_rank0_fails_all_ranks(fsdp_run):
 def test_init_random_weights_is_layout_independent(fsdp_run):
     single = build_model_on_meta(load_config(fsdp_run["random_folder"]), dtype=torch.float32)
     materialize_model(single, "cpu")
-    init_random_weights(single, seed=7)
+    TransformersAdapter().init_random_weights(single, seed=7)
     two = fsdp_run["results"][0]["random"]
     assert set(two) == set(single.state_dict())
     for name, value in single.state_dict().items():

@@ -100,35 +100,31 @@ def _real_model_worker(rank: int, world: int, folder: str, data: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from veomni_lightning.modules import CausalLMModule
-    from veomni_lightning.parallel.dims import ParallelDims
-    from veomni_lightning.parallel.fsdp import FSDPConfig
+    from veomni_lightning.parallel import ParallelConfig, ParallelDims
 
     mesh = ParallelDims(world_size=world, sp=2).build_mesh("cpu")
     module = CausalLMModule(model=folder, learning_rate=1e-4, max_grad_norm=1.0)
-    module.parallelize(mesh, FSDPConfig(param_dtype="fp32"))
+    module.setup_model(mesh, ParallelConfig(param_dtype="fp32", sp_size=2))
     micro_batch = _first_micro_batch(data, folder, 256)
-    n_tokens = module.global_token_count([micro_batch])
-    with torch.no_grad():
-        ours = float(module.global_mean_loss(module.loss_sum(micro_batch), n_tokens))
+
+    def global_loss() -> float:
+        counts = module.global_loss_counts([micro_batch])
+        with torch.no_grad():
+            sums = torch.stack(list(module.loss_sums(micro_batch).values()))
+        return float(module.global_means(sums, counts)[0])
+
+    ours = global_loss()
     plain_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         total, count = _segment_loss_plain_hf(plain_model, micro_batch)
     del plain_model
-    # A short fine-tune on this batch through the same pieces the Trainer uses.
-    from veomni_lightning.modules.causal_lm import clip_grad_norm
-
+    # A short fine-tune on this batch through the step the Trainer and Fabric loops run.
     optimizer, scheduler = module.build_optimizer(total_steps=4)
     losses = []
     for _ in range(4):
-        loss_sum = module.loss_sum(micro_batch)
-        (loss_sum / n_tokens.to(loss_sum.dtype)).backward()
-        clip_grad_norm(module.model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(float(module.global_mean_loss(loss_sum, n_tokens)))
-    with torch.no_grad():
-        after = float(module.global_mean_loss(module.loss_sum(micro_batch), n_tokens))
+        result = module.run_step([micro_batch], optimizer=optimizer, scheduler=scheduler, backward=torch.Tensor.backward)
+        losses.append(float(result.loss))
+    after = global_loss()
     return {"ours": ours, "plain": float(total / count), "tokens": count, "losses": losses, "after": after}
 
 
