@@ -10,7 +10,8 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-from veomni_lightning.parallel.dims import ParallelDims, ParallelLayoutError
+from veomni_lightning.parallel import ParallelConfig
+from veomni_lightning.parallel.dims import ParallelDims, ParallelLayoutError, ParallelMesh
 from veomni_lightning.strategies.checkpoint_io import write_atomically
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -26,7 +27,7 @@ def test_dp_shard_is_inferred(world, dp_replicate, sp, dp_shard):
     dims = ParallelDims(world_size=world, dp_replicate=dp_replicate, sp=sp)
     assert dims.dp_shard == dp_shard
     assert dims.dp == dp_replicate * dp_shard
-    assert dims.fsdp_size == dp_shard * sp
+    assert dims.dp_shard * dims.sp == dp_shard * sp
     assert dims.dp_replicate * dims.dp_shard * dims.sp == world
     # Giving the inferred value explicitly is the same layout.
     assert ParallelDims(world_size=world, dp_replicate=dp_replicate, dp_shard=dp_shard, sp=sp) == dims
@@ -67,7 +68,7 @@ def test_ep_must_divide_dp_shard_times_sp(world, dp_replicate, sp, ep):
 
 def test_ep_dividing_is_accepted():
     dims = ParallelDims(world_size=8, dp_replicate=2, sp=2, ep=4)
-    assert dims.ep == 4 and dims.fsdp_size == 4
+    assert dims.ep == 4 and dims.dp_shard * dims.sp == 4
 
 
 @pytest.mark.parametrize(
@@ -141,14 +142,24 @@ def _mesh_worker(rank: int, world_size: int) -> dict:
     for dp_replicate, sp in LAYOUTS:
         pm = ParallelDims(world_size=world_size, dp_replicate=dp_replicate, sp=sp).build_mesh("cpu")
         info: dict = {}
-        for name in ("dp", "dp_shard_sp", "dp_sp", "sp"):
-            sub = pm[name]
+        # The views by purpose; "dp_shard_sp" is the flattened FSDP dim, which view("fsdp") is only without HSDP.
+        subs = {name: pm.view(name) for name in ("batch", "loss", "sp")}
+        subs["dp_shard_sp"] = pm.mesh["dp_shard_sp"]
+        for name, sub in subs.items():
             info[name] = {
                 "size": sub.size(),
                 "ranks": sorted(dist.get_process_group_ranks(sub.get_group())),
                 "local_rank": sub.get_local_rank(),
             }
-        fsdp = pm.fsdp_mesh
+        # view("fsdp") is 2-D under HSDP (dp_replicate > 1), which has no single process group.
+        for name in ("batch", "loss", "sp", *(("fsdp",) if dp_replicate == 1 else ())):
+            group = pm.group(name)
+            info[f"group_{name}"] = None if group is None else sorted(dist.get_process_group_ranks(group))
+        info["batch_group_ranks"] = (
+            None if pm.batch_group is None else sorted(dist.get_process_group_ranks(pm.batch_group))
+        )
+        fsdp = pm.view("fsdp")
+        info["fsdp_is_fsdp_mesh"] = fsdp == pm.fsdp_mesh
         info["fsdp_shape"] = list(fsdp.shape)
         info["fsdp_names"] = list(fsdp.mesh_dim_names)
         info["sp_group_none"] = pm.sp_group is None
@@ -186,12 +197,12 @@ def test_sub_meshes_sizes_and_members(mesh_results, dp_replicate, sp):
             return rr * dp_shard * sp + ss * sp + pp
 
         expected = {
-            "dp": sorted(flat(rr, ss, p) for rr, ss, pp in coords if pp == 0),  # same SP position
+            "batch": sorted(flat(rr, ss, p) for rr, ss, pp in coords if pp == 0),  # same SP position
             "dp_shard_sp": sorted(flat(r, ss, pp) for rr, ss, pp in coords if rr == 0),  # same replica
-            "dp_sp": list(range(world)),
+            "loss": list(range(world)),
             "sp": sorted(flat(r, s, pp) for pp in range(sp)),  # same replica and shard
         }
-        sizes = {"dp": dp_replicate * dp_shard, "dp_shard_sp": dp_shard * sp, "dp_sp": world, "sp": sp}
+        sizes = {"batch": dp_replicate * dp_shard, "dp_shard_sp": dp_shard * sp, "loss": world, "sp": sp}
         for name in expected:
             assert info[name]["size"] == sizes[name], (rank, name, info[name])
             assert info[name]["ranks"] == expected[name], (rank, name, info[name])
@@ -199,6 +210,15 @@ def test_sub_meshes_sizes_and_members(mesh_results, dp_replicate, sp):
         assert info["dp_size"] == dp_replicate * dp_shard and info["dp_rank"] == r * dp_shard + s
         assert info["sp_size"] == sp and info["sp_rank"] == p
         assert info["loss_group_ranks"] == list(range(world))
+        # pm.group(view): the view's ranks, or None when the view has a single rank.
+        for name in ("batch", "loss", "sp"):
+            want = None if sizes[name] == 1 else expected[name]
+            assert info[f"group_{name}"] == want, (rank, name, info)
+        assert info["batch_group_ranks"] == info["group_batch"]
+        # view("fsdp") is the FSDP mesh; without HSDP its group is the dp_shard_sp ranks.
+        assert info["fsdp_is_fsdp_mesh"]
+        if dp_replicate == 1:
+            assert info["group_fsdp"] == (None if dp_shard * sp == 1 else expected["dp_shard_sp"])
         # FSDP: 1-D over dp_shard × sp, or 2-D (replicate, shard) for HSDP.
         if dp_replicate > 1:
             assert info["fsdp_shape"] == [dp_replicate, dp_shard * sp]
@@ -217,6 +237,22 @@ def test_build_mesh_refuses_other_world_size(mesh_results):
         assert "built for world size 2" in res["wrong_world"] and "has 4 ranks" in res["wrong_world"]
 
 
+def test_single_process_mesh_has_sizes_one_and_no_views_or_groups():
+    pm = ParallelMesh.single_process("cpu")
+    assert pm.mesh is None and pm.device_type == "cpu"
+    assert pm.dims == ParallelDims(world_size=1)
+    assert (pm.dims.dp_replicate, pm.dims.dp_shard, pm.dims.sp, pm.dims.ep) == (1, 1, 1, 1)
+    assert pm.dp_size == 1 and pm.sp_size == 1
+    assert pm.dp_rank == 0 and pm.sp_rank == 0
+    for name in ("batch", "fsdp", "loss", "sp"):
+        assert pm.view(name) is None, name
+        assert pm.group(name) is None, name
+    assert pm.fsdp_mesh is None
+    assert pm.sp_group is None and pm.loss_group is None and pm.batch_group is None
+    with pytest.raises(KeyError, match="no mesh view named 'dp'"):
+        pm.view("dp")  # the old dim names are not views
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Through Lightning
 # ---------------------------------------------------------------------------------------------------------------------
@@ -232,7 +268,7 @@ def _trainer_bad_layout_worker(rank: int, world_size: int) -> dict:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,
-        strategy=VeOmniStrategy(sp_size=3, param_dtype="fp32"),
+        strategy=VeOmniStrategy(parallel=ParallelConfig(sp_size=3, param_dtype="fp32")),
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
@@ -264,7 +300,8 @@ def test_strategy_name_resolves_through_registry():
     assert "veomni" in StrategyRegistry
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="veomni", logger=False, enable_progress_bar=False)
     assert type(trainer.strategy) is VeOmniStrategy
-    assert trainer.strategy.sp_size == 1 and trainer.strategy.dp_replicate_size == 1
+    config = trainer.strategy.parallel_config
+    assert config.sp_size == 1 and config.dp_replicate_size == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
