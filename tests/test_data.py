@@ -381,9 +381,17 @@ def test_resume_with_changed_accumulation(tok, tmp_path):
     ref = take_steps(make_dm(tok, [path], grad_accum_steps=1, **kw), 14)
     old = make_dm(tok, [path], grad_accum_steps=2, **kw)
     old.consumed_steps = 4  # 8 micro-batches consumed
-    new = make_dm(tok, [path], grad_accum_steps=1, **kw)
+    refused = make_dm(tok, [path], grad_accum_steps=1, **kw)
+    refused.load_state_dict(old.state_dict())
+    with pytest.raises(ValueError, match=r"2 micro-batches per step .* 1 × 1 = 1\. Fix: set grad_accum_steps=2"):
+        refused.train_dataloader()
+    new = make_dm(tok, [path], grad_accum_steps=1, allow_global_batch_change=True, **kw)
     new.load_state_dict(old.state_dict())
     assert same(take_steps(new, 6), ref[8:14])
+    other_tokens = make_dm(tok, [path], grad_accum_steps=2, **{**kw, "micro_batch_tokens": 32})
+    other_tokens.load_state_dict(old.state_dict())
+    with pytest.raises(ValueError, match="micro_batch_tokens=64"):
+        other_tokens.train_dataloader()
 
 
 # ------------------------------------------------------------------------------------------------ errors

@@ -37,6 +37,14 @@ def _first_micro_batch(data: str, tokenizer: str, tokens: int) -> dict:
     return next(iter(dm.train_dataloader()))[0]
 
 
+def _global_loss(module, micro_batch: dict) -> float:
+    """The module's global token-mean loss on one micro-batch, through the core's own reductions (no update)."""
+    counts = module.global_loss_counts([micro_batch])
+    with torch.no_grad():
+        sums = torch.stack(list(module.loss_sums(micro_batch).values()))
+    return float(module.global_means(sums, counts)[0])
+
+
 def _resume_and_export_worker(rank: int, world: int, assets: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -54,9 +62,8 @@ def _resume_and_export_worker(rank: int, world: int, assets: dict) -> dict:
     # Export from the sharded run; compare the module's loss with plain transformers on the exported folder.
     module.export_hf(str(root / "hf"))
     micro_batch = _first_micro_batch(assets["data"], assets["tokenizer"], 128)
-    n_tokens = module.global_token_count([micro_batch])
+    ours = _global_loss(module, micro_batch)
     with torch.no_grad():
-        ours = float(module.global_mean_loss(module.loss_sum(micro_batch), n_tokens))
         plain = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
         total, count = _segment_loss_plain_hf(plain, micro_batch)
     ckpts = sorted(p.name for p in (root / "ckpt").iterdir())
@@ -106,14 +113,7 @@ def _real_model_worker(rank: int, world: int, folder: str, data: str) -> dict:
     module = CausalLMModule(model=folder, learning_rate=1e-4, max_grad_norm=1.0)
     module.setup_model(mesh, ParallelConfig(param_dtype="fp32", sp_size=2))
     micro_batch = _first_micro_batch(data, folder, 256)
-
-    def global_loss() -> float:
-        counts = module.global_loss_counts([micro_batch])
-        with torch.no_grad():
-            sums = torch.stack(list(module.loss_sums(micro_batch).values()))
-        return float(module.global_means(sums, counts)[0])
-
-    ours = global_loss()
+    ours = _global_loss(module, micro_batch)
     plain_model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         total, count = _segment_loss_plain_hf(plain_model, micro_batch)
@@ -124,7 +124,7 @@ def _real_model_worker(rank: int, world: int, folder: str, data: str) -> dict:
     for _ in range(4):
         result = module.run_step([micro_batch], optimizer=optimizer, scheduler=scheduler, backward=torch.Tensor.backward)
         losses.append(float(result.loss))
-    after = global_loss()
+    after = _global_loss(module, micro_batch)
     return {"ours": ours, "plain": float(total / count), "tokens": count, "losses": losses, "after": after}
 
 

@@ -209,6 +209,7 @@ class TextDataModule(pl.LightningDataModule):
         num_epochs: int | None = None,
         add_eos: bool = True,
         num_workers: int = 0,
+        allow_global_batch_change: bool = False,
     ) -> None:
         super().__init__()
         checks = {
@@ -251,6 +252,9 @@ class TextDataModule(pl.LightningDataModule):
         self.num_epochs = num_epochs
         self.add_eos = add_eos
         self.num_workers = num_workers
+        self.allow_global_batch_change = allow_global_batch_change
+        # (micro-batches per step, tokens per micro-batch) of the checkpoint last loaded; checked once dp is known.
+        self._resumed_batch: tuple[int | None, int | None] | None = None
 
         self.dp_rank, self.dp_size = 0, 1
         self._dp_explicit = False
@@ -333,6 +337,7 @@ class TextDataModule(pl.LightningDataModule):
         if self._encoder is None:
             self.setup("fit")
         assert self._train_paths is not None
+        self._check_global_batch()
         # Also right when Lightning rebuilds the loader mid-run: continue from the trainer's current step.
         skip = self._stream_position(self._current_steps())
         self._train_ds = self._dataset(self._train_paths, skip_micro_batches=skip)
@@ -377,13 +382,17 @@ class TextDataModule(pl.LightningDataModule):
             "consumed_steps": steps,
             "consumed_micro_batches": self._stream_position(steps),
             "global_micro_batches_per_step": self.global_micro_batches_per_step,
+            "micro_batch_tokens": self.micro_batch_tokens,
             "seed": self.seed,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the position; the next ``train_dataloader()`` starts at ``consumed_steps``.
 
-        If dp_size * grad_accum_steps changed since the checkpoint, the stream still resumes at the same
+        The data-parallel layout may change (e.g. 4 ranks → 1 process): what must not change is the global batch,
+        ``dp_size × grad_accum_steps`` micro-batches of ``micro_batch_tokens``, or the run would not continue the same
+        loss curve. A change is an error (raised by ``train_dataloader``, once the dp size is known) naming the
+        ``grad_accum_steps`` that keeps it; with ``allow_global_batch_change=True`` the stream resumes at the same
         micro-batch (``consumed_micro_batches``), so no data is repeated or skipped.
         """
         steps = int(state_dict["consumed_steps"])
@@ -397,3 +406,27 @@ class TextDataModule(pl.LightningDataModule):
         self._base_steps = steps
         self._base_micro_batches = int(micro) if micro is not None else None
         self.consumed_steps = steps
+        self._resumed_batch = (state_dict.get("global_micro_batches_per_step"), state_dict.get("micro_batch_tokens"))
+
+    def _check_global_batch(self) -> None:
+        if self._resumed_batch is None or self.allow_global_batch_change:
+            return
+        saved_g, saved_tokens = self._resumed_batch
+        G = self.global_micro_batches_per_step
+        if saved_tokens is not None and saved_tokens != self.micro_batch_tokens:
+            raise ValueError(
+                f"Resuming would change the global batch: the checkpoint used micro_batch_tokens={saved_tokens}, this "
+                f"run {self.micro_batch_tokens}. Fix: set micro_batch_tokens={saved_tokens}, or "
+                "allow_global_batch_change=true to continue with a different batch on purpose."
+            )
+        if saved_g is not None and saved_g != G:
+            if saved_g % self.dp_size == 0:
+                fix = f"set grad_accum_steps={saved_g // self.dp_size} (with {self.dp_size} data-parallel ranks)"
+            else:
+                fix = f"use a data-parallel size dividing {saved_g} and grad_accum_steps = {saved_g} / that size"
+            raise ValueError(
+                f"Resuming would change the global batch: the checkpoint was written with {saved_g} micro-batches per "
+                f"step (data-parallel size × grad_accum_steps), this run has {self.dp_size} × "
+                f"{self.grad_accum_steps} = {G}. Fix: {fix}, or allow_global_batch_change=true to continue with a "
+                "different batch on purpose."
+            )
