@@ -104,6 +104,18 @@ class MetricsRecorder:
         return _Recorder()
 
 
+def StopAfter(step: int):  # noqa: N802 - a callback factory, named like the class it builds
+    """Callback stopping training once ``trainer.global_step`` reaches ``step``."""
+    import lightning.pytorch as pl
+
+    class _StopAfter(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step >= step:
+                trainer.should_stop = True
+
+    return _StopAfter()
+
+
 def fit_tiny(
     model_dir: str,
     tokenizer_dir: str,
@@ -122,6 +134,7 @@ def fit_tiny(
     lr: float = 1e-3,
     accelerator: str = "cpu",
     param_dtype: str = "fp32",
+    stop_after: int | None = None,
     **strategy_options: Any,
 ) -> tuple[Any, Any, list[float], list[float]]:
     """Train a tiny model with the real Trainer + VeOmniStrategy + CausalLMModule + TextDataModule (CPU fp32 default)."""
@@ -135,6 +148,8 @@ def fit_tiny(
 
     recorder = MetricsRecorder()
     callbacks: list[Any] = [recorder]
+    if stop_after is not None:  # end the run early, keeping max_steps (the schedule's horizon) unchanged
+        callbacks.append(StopAfter(stop_after))
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
     parallel = ParallelConfig(

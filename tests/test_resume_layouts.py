@@ -16,7 +16,7 @@ GLOBAL_MICRO_BATCHES = 2
 STEPS = 4
 
 
-def _segment(rank: int, world: int, assets: dict, sp: int, steps: int, ckpt_dir: str, resume: str | None) -> dict:
+def _segment(rank: int, world: int, assets: dict, sp: int, stop: int, ckpt_dir: str, resume: str | None) -> dict:
     dp = world // sp
     _, _, losses, norms = fit_tiny(
         assets["qwen3"],
@@ -25,7 +25,8 @@ def _segment(rank: int, world: int, assets: dict, sp: int, steps: int, ckpt_dir:
         devices=world,
         sp=sp,
         grad_accum=GLOBAL_MICRO_BATCHES // dp,
-        steps=steps,
+        steps=STEPS,  # the schedule's horizon stays that of the uninterrupted run
+        stop_after=stop,
         save_every=1,
         ckpt_dir=ckpt_dir,
         ckpt_path=resume,
