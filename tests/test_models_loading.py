@@ -418,12 +418,6 @@ def test_diffusers_adapter_finds_blocks_and_is_picked():
     assert isinstance(adapter_for(model), DiffusersAdapter)
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="library bug: DiffusersAdapter.init_random_weights uses reset_parameters only, and WanTransformer3DModel / "
-    "WanTransformerBlock hold a scale_shift_table parameter without one (TypeError).",
-)
 def test_diffusers_adapter_init_random_weights_is_seeded():
     def build(seed: int):
         model = _wan_on_meta_materialized()

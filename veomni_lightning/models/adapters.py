@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -165,6 +166,27 @@ class DiffusersAdapter(ModelAdapter):
                 "found. Pass the blocks explicitly (override the family module's blocks())."
             )
         return blocks
+
+    def init_random_weights(self, model: nn.Module, seed: int) -> None:
+        """``reset_parameters`` where a module has it; the adaptive-norm ``scale_shift_table`` parameters that DiTs
+        hold directly get diffusers' own ``randn / sqrt(dim)``."""
+
+        def fill(name: str, module: nn.Module, tmp: nn.Module) -> None:
+            if hasattr(tmp, "reset_parameters"):
+                tmp.reset_parameters()
+                return
+            for key, param in tmp._parameters.items():
+                if param is None:
+                    continue
+                if "scale_shift_table" not in key:
+                    raise TypeError(
+                        f"{name or 'root'}.{key} ({type(module).__name__}) has no known random init; load pretrained "
+                        "weights for this model."
+                    )
+                with torch.no_grad():
+                    param.normal_(0.0, param.shape[-1] ** -0.5)
+
+        init_random_weights(model, fill, seed=seed)
 
     def load_weights(self, model: nn.Module, folder: str | os.PathLike) -> None:
         load_pretrained_weights(model, folder, weights_name=self.weights_name)

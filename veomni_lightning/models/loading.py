@@ -194,7 +194,7 @@ def load_pretrained_weights(model: nn.Module, src: ModelSource | str, weights_na
     """
     folder = Path(src.folder if isinstance(src, ModelSource) else src)
     _check_materialized(model, "load_pretrained_weights")
-    files = _weight_files(folder)
+    files = _weight_files(folder, weights_name)
 
     # name -> tensor for every parameter and persistent buffer; tied names share one tensor object.
     non_persistent = _non_persistent_buffer_names(model)

@@ -156,7 +156,11 @@ class ParallelMesh:
     def group(self, name: str) -> dist.ProcessGroup | None:
         """The process group of a view, or ``None`` when it has a single rank (nothing to communicate)."""
         view = self.view(name)
-        return None if view is None or view.size() == 1 else view.get_group()
+        if view is None or view.size() == 1:
+            return None
+        if view.ndim > 1:  # HSDP's 2-D fsdp view: the shard group is the one that reduce-scatters
+            return self.mesh["dp_shard_sp"].get_group()
+        return view.get_group()
 
     @property
     def device_type(self) -> str:
