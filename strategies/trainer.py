@@ -59,6 +59,13 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
         self.lightning_module._device_mesh = self._device_mesh
 
     @override
+    def _configure_launcher(self) -> None:
+        # One process needs no launcher; without one the strategy also runs in notebooks and interactive shells
+        # (Lightning refuses a subprocess launcher there, even for a single device).
+        if self.num_processes * self.num_nodes > 1:
+            super()._configure_launcher()
+
+    @override
     def model_to_device(self) -> None:
         # configure_model already put every shard where FSDP2 wants it; with CPU offload that is CPU memory, and
         # Lightning's blanket ``model.to(root_device)`` would move the root's shards to the GPU and break offloading.
