@@ -107,3 +107,41 @@ def test_single_process_random_init_is_seeded_per_backbone():
     b.setup_model(None, None)
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+
+
+def _count_all_gathers(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from veomni_lightning.modules import CausalLMModule
+    from veomni_lightning.parallel import ParallelConfig, ParallelDims
+
+    mesh = ParallelDims(world_size=world).build_mesh("cpu")
+    overrides = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8)  # fmt: skip
+    module = CausalLMModule(model="qwen3", pretrained=False, config_overrides=overrides)
+    module.setup_model(mesh, ParallelConfig(param_dtype="fp32", reshard_after_forward=True))
+    from toy_family import toy_micro_batch
+
+    batch = toy_micro_batch(1)  # no image: plain text ids < 128
+    batch["input_ids"] = batch["input_ids"] % 64
+    batch["labels"] = torch.where(batch["labels"] >= 0, batch["labels"] % 64, batch["labels"])
+    calls = {"n": 0}
+    original = dist.all_gather_single
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_gather_single = counting
+    try:
+        module.loss_sums(batch)["loss"].backward()
+    finally:
+        dist.all_gather_single = original
+    return calls
+
+
+def test_root_is_not_regathered_in_backward():
+    """With reshard_after_forward on, a step all-gathers the root once and each block twice, except the last block
+    (kept for backward): 1 + 3 forward + 2 backward = 6 for 3 blocks. Resharding the root too would make it 7."""
+    for result in run_distributed(_count_all_gathers, 2, timeout=120):
+        assert result["n"] == 6

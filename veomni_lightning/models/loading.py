@@ -191,6 +191,7 @@ def load_pretrained_weights(model: nn.Module, src: ModelSource | str, weights_na
     name the file has); dtypes are cast to the parameter's. Persistent buffers found in the file are loaded too.
     Missing weights, unexpected keys and shape mismatches raise one ``KeyError``/``ValueError`` listing them all,
     before anything is copied. File keys must match the module names exactly (no checkpoint key conversion).
+    ``weights_name`` is the file stem: ``model`` (transformers) or ``diffusion_pytorch_model`` (diffusers).
     """
     folder = Path(src.folder if isinstance(src, ModelSource) else src)
     _check_materialized(model, "load_pretrained_weights")
