@@ -58,7 +58,9 @@ def test_print_config(tmp_path):
     config = yaml.safe_load(proc.stdout)
     strategy = config["trainer"]["strategy"]
     assert strategy["class_path"].endswith("VeOmniStrategy")
-    assert strategy["init_args"]["parallel"]["param_dtype"] == "fp32" and strategy["init_args"]["parallel"]["sp_size"] == 1
+    assert (
+        strategy["init_args"]["parallel"]["param_dtype"] == "fp32" and strategy["init_args"]["parallel"]["sp_size"] == 1
+    )
     assert config["model"]["class_path"].endswith("CausalLMModule")
     assert config["data"]["class_path"].endswith("TextDataModule")
     for name in ("VeOmniStrategy", "CausalLMModule", "TextDataModule"):

@@ -122,7 +122,9 @@ def _real_model_worker(rank: int, world: int, folder: str, data: str) -> dict:
     optimizer, scheduler = module.build_optimizer(total_steps=4)
     losses = []
     for _ in range(4):
-        result = module.run_step([micro_batch], optimizer=optimizer, scheduler=scheduler, backward=torch.Tensor.backward)
+        result = module.run_step(
+            [micro_batch], optimizer=optimizer, scheduler=scheduler, backward=torch.Tensor.backward
+        )
         losses.append(float(result.loss))
     after = _global_loss(module, micro_batch)
     return {"ours": ours, "plain": float(total / count), "tokens": count, "losses": losses, "after": after}
