@@ -340,10 +340,12 @@ class TrainingModule(pl.LightningModule):
         sums = all_reduce_sum(totals[0].clone(), self.parallel_mesh.loss_group)
         counts = all_reduce_sum(totals[1].clone(), self.parallel_mesh.batch_group).clamp_min(1.0)
         means = (sums / counts).float()
-        self.log("val/loss", sum(w * m for w, m in zip(self.loss_weights.values(), means)), prog_bar=True)
+        # Already reduced over the mesh above: no second sync by Lightning.
+        total = sum(w * m for w, m in zip(self.loss_weights.values(), means))
+        self.log("val/loss", total, prog_bar=True, sync_dist=False)
         if n > 1:
             for name, mean in zip(self.loss_weights, means):
-                self.log(f"val/{name}", mean)
+                self.log(f"val/{name}", mean, sync_dist=False)
 
     # ================================================================== export
     def export_hf(self, out_dir: str, **extras: Any) -> Path:
