@@ -12,6 +12,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from veomni_lightning.models.export import apply_default_modes
+
 __all__ = ["write_atomically"]
 
 
@@ -81,6 +83,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, rank: int, al
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def swap() -> None:
+        apply_default_modes(tmp)
         _remove(old)
         try:
             if path.exists():

@@ -144,7 +144,7 @@ def _mesh_worker(rank: int, world_size: int) -> dict:
         info: dict = {}
         # The views by purpose; "dp_shard_sp" is the flattened FSDP dim, which view("fsdp") is only without HSDP.
         subs = {name: pm.view(name) for name in ("batch", "loss", "sp")}
-        subs["dp_shard_sp"] = pm.mesh["dp_shard_sp"]
+        subs["dp_shard_sp"] = pm.view("fsdp_shard")
         for name, sub in subs.items():
             info[name] = {
                 "size": sub.size(),

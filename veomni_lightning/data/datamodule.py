@@ -19,8 +19,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .packing import GreedyPacker, Sample, build_micro_batch, iter_packed
-from .sources import DataError, expand_files, iter_epoch_rows
+from veomni_lightning.errors import ConfigError
+
+from .sources import DataError, expand_files, iter_epoch_rows, iter_file_rows
 from .tokenize import SampleEncoder, load_tokenizer, pad_token_id
+
+#: Rows of each data file read and tokenized at setup, before the model is built.
+FIRST_ROWS_CHECKED = 8
 
 STAT_KEYS = (
     "rows",
@@ -35,6 +40,16 @@ STAT_KEYS = (
     "epochs_completed",
     "dropped_tail_micro_batches",
 )
+
+
+def encode_row(encoder: SampleEncoder, row: Any, loc: Any) -> tuple[list[int], list[bool]]:
+    """Tokenize one row; a row that did not parse, or does not encode, raises its :class:`DataError`."""
+    try:
+        if isinstance(row, DataError):  # the row could not even be parsed
+            raise row
+        return encoder.encode(row, loc)
+    except DataError as e:
+        raise DataError(f"{e} (or set on_bad_row='skip' to skip and count such rows)") from None
 
 
 class PackedStepDataset(IterableDataset):
@@ -107,12 +122,10 @@ class PackedStepDataset(IterableDataset):
             ):
                 counts["rows"] += 1
                 try:
-                    if isinstance(row, DataError):  # the row could not even be parsed
-                        raise row
-                    ids, mask = self.encoder.encode(row, loc)
-                except DataError as e:
+                    ids, mask = encode_row(self.encoder, row, loc)
+                except DataError:
                     if self.on_bad_row == "error":
-                        raise DataError(f"{e} (or set on_bad_row='skip' to skip and count such rows)") from None
+                        raise
                     counts["skipped_bad_rows"] += 1
                     continue
                 counts["samples"] += 1
@@ -192,9 +205,9 @@ class TextDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_files: list[str],
+        train_files: list[str] | str,
         tokenizer: str,
-        val_files: list[str] | None = None,
+        val_files: list[str] | str | None = None,
         tokenizer_gguf_file: str | None = None,
         mode: Literal["auto", "pretrain", "sft"] = "auto",
         text_key: str = "text",
@@ -219,19 +232,19 @@ class TextDataModule(pl.LightningDataModule):
         }
         for key, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+                raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
         if num_workers not in (0, 1):
-            raise ValueError(
+            raise ConfigError(
                 f"num_workers must be 0 or 1, got {num_workers}: the whole packed stream is produced by one process "
                 f"(one background worker with 1), and more workers would each produce the full stream (duplicates)."
             )
         if micro_batch_tokens < 2:
-            raise ValueError(f"micro_batch_tokens must be >= 2, got {micro_batch_tokens}")
+            raise ConfigError(f"micro_batch_tokens must be >= 2, got {micro_batch_tokens}")
         if grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+            raise ConfigError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         if num_epochs is not None and num_epochs < 1:
-            raise ValueError(f"num_epochs must be None (cycle forever) or >= 1, got {num_epochs}")
-        if isinstance(train_files, str):  # a common yaml slip: a single path instead of a list
+            raise ConfigError(f"num_epochs must be None (cycle forever) or >= 1, got {num_epochs}")
+        if isinstance(train_files, str):  # one path, or a list of them
             train_files = [train_files]
         if isinstance(val_files, str):
             val_files = [val_files]
@@ -302,6 +315,20 @@ class TextDataModule(pl.LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer_path, self.tokenizer_gguf_file)
         if self._encoder is None:
             self._encoder = SampleEncoder(self.tokenizer, self.mode, self.text_key, self.messages_key, self.add_eos)
+            self.check_first_rows()
+
+    def check_first_rows(self, rows_per_file: int = FIRST_ROWS_CHECKED) -> None:
+        """Read and tokenize the first rows of every train/val file, raising their :class:`DataError` now.
+
+        ``setup`` runs this before the model is built, so a malformed file fails in seconds rather than after
+        loading the weights (minutes for a large model). With ``on_bad_row="skip"`` bad rows are left to the stream.
+        """
+        assert self._encoder is not None
+        if self.on_bad_row == "skip":
+            return
+        for path in [*(self._train_paths or []), *(self._val_paths or [])]:
+            for row, loc in itertools.islice(iter_file_rows(path, self.text_key), rows_per_file):
+                encode_row(self._encoder, row, loc)
 
     # ------------------------------------------------------------------------------------------ dataloaders
     def _dataset(self, files: list[str], **overrides: Any) -> PackedStepDataset:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from veomni_lightning.errors import ConfigError
 from veomni_lightning.paths import resolve_path as _resolve_path
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -23,7 +24,7 @@ TEXT_SUFFIXES = (".txt", ".cor")
 SUPPORTED_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A problem with the input data (a malformed row, a missing file, ...), always naming where and how to fix it."""
 
 
@@ -106,7 +107,7 @@ def _iter_json_lines(path: str) -> Iterator[tuple[Any, RowLocation]]:
         except json.JSONDecodeError as e:
             yield (
                 DataError(
-                    f"{loc}: invalid JSON ({e.msg} at column {e.colno}). Fix: each line must be one complete "
+                    f"{loc}: invalid JSON ({e.msg}, column {e.colno}). Fix: each line must be one complete "
                     f"JSON object (JSON Lines); a pretty-printed or array-style .json file must be converted."
                 ),
                 loc,

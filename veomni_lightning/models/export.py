@@ -22,6 +22,7 @@ from torch import nn
 from .source import run_on_rank0_then_share
 
 __all__ = [
+    "apply_default_modes",
     "export_hf_folder",
     "full_state_dict",
     "replace_folder_atomically",
@@ -152,6 +153,25 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def apply_default_modes(folder: str | os.PathLike) -> None:
+    """Give ``folder`` (a folder or a file) and everything in it the modes the user's umask gives new files (0644 / 0755 usually).
+
+    Some writers (safetensors' ``save_file`` among them) create files through ``mkstemp``, which makes them 0600:
+    an export or checkpoint that other users, or a serving container running as another user, cannot read.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    if not os.path.isdir(folder):
+        os.chmod(folder, 0o666 & ~umask)
+        return
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def write_folder_on_rank0(out_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Collective: rank 0 runs ``write(tmp)`` into a temporary folder and swaps it in for ``out_dir`` atomically.
 
@@ -166,6 +186,7 @@ def write_folder_on_rank0(out_dir: str | os.PathLike, write: Callable[[Path], No
         try:
             tmp.mkdir(parents=True)
             write(tmp)
+            apply_default_modes(tmp)
             replace_folder_atomically(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -34,6 +34,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import ModelAdapter, materialize_model
 from veomni_lightning.modules.metrics import ThroughputMeter, device_peak_tflops
 from veomni_lightning.parallel import ParallelConfig, ParallelMesh, all_reduce_sum, clip_grad_norm, parallelize_model
@@ -96,12 +97,27 @@ class TrainingModule(pl.LightningModule):
         peak_tflops: float | None = None,
     ) -> None:
         super().__init__()
+        check_training_settings(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            betas=betas,
+            eps=eps,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            max_grad_norm=max_grad_norm,
+            peak_tflops=peak_tflops,
+        )
         self.save_hyperparameters()
         self.automatic_optimization = False
         weights = dict(self.default_loss_weights)
         unknown = sorted(set(loss_weights or {}) - set(weights))
         if unknown:
-            raise ValueError(f"loss_weights names {unknown}, but {type(self).__name__}'s losses are {sorted(weights)}.")
+            raise ConfigError(
+                f"loss_weights names {unknown}, but {type(self).__name__}'s losses are {sorted(weights)}."
+            )
+        bad = {name: w for name, w in (loss_weights or {}).items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ConfigError(f"loss_weights must be finite and >= 0, got {bad}.")
         weights.update(loss_weights or {})
         self.loss_weights = weights
         self.model: nn.Module | None = None
@@ -370,6 +386,40 @@ class TrainingModule(pl.LightningModule):
                 f"{sorted(self.loss_weights)} (default_loss_weights)."
             )
         return [values[name] for name in self.loss_weights]
+
+
+def check_training_settings(
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    warmup_steps: int,
+    min_lr_ratio: float,
+    max_grad_norm: float | None,
+    peak_tflops: float | None,
+) -> None:
+    """Refuse impossible optimizer settings when the module is constructed, long before the model is loaded."""
+
+    def bad(name: str, value: Any, want: str) -> ConfigError:
+        return ConfigError(f"{name} must be {want}, got {value!r}. Fix: --model.init_args.{name} <value> (or the yaml).")
+
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise bad("learning_rate", learning_rate, "a positive number (e.g. 2e-5)")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise bad("weight_decay", weight_decay, ">= 0")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise bad("betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not (math.isfinite(eps) and eps > 0):
+        raise bad("eps", eps, "a positive number (e.g. 1e-8)")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise bad("warmup_steps", warmup_steps, "an integer >= 0")
+    if not 0 <= min_lr_ratio <= 1:
+        raise bad("min_lr_ratio", min_lr_ratio, "in [0, 1] (1 keeps the rate constant after warm-up)")
+    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise bad("max_grad_norm", max_grad_norm, "a positive number, or null to only measure the norm")
+    if peak_tflops is not None and not (math.isfinite(peak_tflops) and peak_tflops > 0):
+        raise bad("peak_tflops", peak_tflops, "a positive number, or null for the known GPUs' peak")
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

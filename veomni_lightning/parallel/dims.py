@@ -2,16 +2,17 @@
 
 Every consumer asks this module for a named sub-mesh; nothing else in the library reads process-group globals.
 
-Mesh layout (outermost first): ``dp_replicate × dp_shard × sp``. Named sub-meshes:
+Rank layout (outermost first): ``dp_replicate × dp_shard × sp``. Views by purpose, each an unflattening of the
+1-D world mesh:
 
-======================  =================================  ==============================================
-view (flattened dim)    dims                               used for
-======================  =================================  ==============================================
-``batch`` (``dp``)      dp_replicate × dp_shard            data loading, token counts (replicated over sp)
-``fsdp`` (``dp_shard_sp``)  dp_shard × sp                  FSDP2 parameter sharding (SP ranks shard weights too)
-``loss`` (``dp_sp``)    dp_replicate × dp_shard × sp       loss-sum reduction
-``sp``                  sp                                 Ulysses all-to-all
-======================  =================================  ==============================================
+====================  =================================  ==============================================
+view                  dims                               used for
+====================  =================================  ==============================================
+``batch``             dp_replicate × dp_shard            data loading, token counts (replicated over sp)
+``fsdp``              (dp_replicate,) dp_shard × sp      FSDP2 parameter sharding (SP ranks shard weights too)
+``loss``              dp_replicate × dp_shard × sp       loss-sum reduction
+``sp``                sp                                 Ulysses all-to-all
+====================  =================================  ==============================================
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from veomni_lightning.errors import ConfigError
+
 __all__ = ["ParallelDims", "ParallelMesh", "ParallelLayoutError"]
 
 
-class ParallelLayoutError(ValueError):
+class ParallelLayoutError(ConfigError):
     """An impossible parallel layout: raised on every rank before any collective."""
 
 
@@ -107,15 +110,20 @@ class ParallelDims:
                 "Expert parallelism (ep > 1) is not implemented yet; the mesh reserves it for the MoE recipes. "
                 "Set ep_size=1."
             )
-        mesh = init_device_mesh(
-            device_type,
-            (self.dp_replicate, self.dp_shard, self.sp),
-            mesh_dim_names=("dp_replicate", "dp_shard", "sp"),
-        )
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-        mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
-        return ParallelMesh(self, mesh)
+        # Each view is its own unflattening of the 1-D world mesh (torchtitan's scheme) rather than a slice of
+        # flattened dims of one root mesh, which DeviceMesh deprecates. Ranks are laid out
+        # dp_replicate × dp_shard × sp, outermost first, in every view.
+        world = init_device_mesh(device_type, (self.world_size,), mesh_dim_names=("world",))
+        batch_sp = world._unflatten(0, (self.dp, self.sp), ("dp", "sp"))
+        fsdp = world._unflatten(0, (self.dp_replicate, self.dp_shard * self.sp), ("dp_replicate", "dp_shard_sp"))
+        views = {
+            "batch": batch_sp["dp"],
+            "sp": batch_sp["sp"],
+            "loss": world,
+            "fsdp": fsdp if self.dp_replicate > 1 else fsdp["dp_shard_sp"],
+            "fsdp_shard": fsdp["dp_shard_sp"],
+        }
+        return ParallelMesh(self, world, views=views)
 
 
 class ParallelMesh:
@@ -127,17 +135,26 @@ class ParallelMesh:
       batch rank. Token counts, which are replicated across SP ranks, are reduced over it.
     * ``loss``: every rank holding distinct tokens of the global batch (dp × sp); loss sums are reduced over it.
     * ``fsdp``: parameter sharding (dp_shard × sp), 2-D (dp_replicate, dp_shard × sp) for HSDP.
+    * ``fsdp_shard``: the shard dim of ``fsdp`` alone (the ranks that reduce-scatter together).
     * ``sp``: the Ulysses group.
 
     ``ParallelMesh.single_process(device_type)`` is the layout of one process without a process group: every size
     is 1, every view and group ``None``, so callers need no special case.
     """
 
-    _VIEWS = {"batch": "dp", "loss": "dp_sp", "sp": "sp"}
+    VIEW_NAMES = ("batch", "loss", "fsdp", "fsdp_shard", "sp")
 
-    def __init__(self, dims: ParallelDims, mesh: DeviceMesh | None, device_type: str | None = None) -> None:
+    def __init__(
+        self,
+        dims: ParallelDims,
+        mesh: DeviceMesh | None,
+        device_type: str | None = None,
+        *,
+        views: dict[str, DeviceMesh] | None = None,
+    ) -> None:
         self.dims = dims
-        self.mesh = mesh
+        self.mesh = mesh  # the 1-D world mesh
+        self._views = views or {}
         self._device_type = device_type if mesh is None else mesh.device_type
 
     @classmethod
@@ -146,12 +163,10 @@ class ParallelMesh:
         return cls(ParallelDims(world_size=1), None, device_type)
 
     def view(self, name: str) -> DeviceMesh | None:
-        """The sub-mesh named by purpose (``batch``, ``loss``, ``fsdp``, ``sp``); ``None`` without a mesh."""
-        if name == "fsdp":
-            return self.fsdp_mesh
-        if name not in self._VIEWS:
-            raise KeyError(f"no mesh view named {name!r}; the views are {sorted([*self._VIEWS, 'fsdp'])}.")
-        return None if self.mesh is None else self.mesh[self._VIEWS[name]]
+        """The sub-mesh named by purpose (see the class docstring); ``None`` without a mesh."""
+        if name not in self.VIEW_NAMES:
+            raise KeyError(f"no mesh view named {name!r}; the views are {sorted(self.VIEW_NAMES)}.")
+        return self._views.get(name)
 
     def group(self, name: str) -> dist.ProcessGroup | None:
         """The process group of a view, or ``None`` when it has a single rank (nothing to communicate)."""
@@ -159,7 +174,7 @@ class ParallelMesh:
         if view is None or view.size() == 1:
             return None
         if view.ndim > 1:  # HSDP's 2-D fsdp view: the shard group is the one that reduce-scatters
-            return self.mesh["dp_shard_sp"].get_group()
+            return self.view("fsdp_shard").get_group()
         return view.get_group()
 
     @property
@@ -169,16 +184,12 @@ class ParallelMesh:
     @property
     def fsdp_mesh(self) -> DeviceMesh | None:
         """1-D mesh for FSDP, or the 2-D (replicate, shard) mesh for HSDP; ``None`` in a single process."""
-        if self.mesh is None:
-            return None
-        if self.dims.dp_replicate > 1:
-            return self.mesh["dp_replicate", "dp_shard_sp"]
-        return self.mesh["dp_shard_sp"]
+        return self.view("fsdp")
 
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel replicas (the ``batch`` view)."""
-        return 0 if self.mesh is None else self.mesh["dp"].get_local_rank()
+        return 0 if self.mesh is None else self.view("batch").get_local_rank()
 
     @property
     def dp_size(self) -> int:
@@ -186,7 +197,7 @@ class ParallelMesh:
 
     @property
     def sp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh["sp"].get_local_rank()
+        return 0 if self.mesh is None else self.view("sp").get_local_rank()
 
     @property
     def sp_size(self) -> int:
