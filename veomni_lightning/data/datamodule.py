@@ -10,6 +10,7 @@ slices the sequence dimension itself.
 from __future__ import annotations
 
 import itertools
+import types
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -201,6 +202,29 @@ class TextDataModule(pl.LightningDataModule):
     Resuming: ``state_dict()`` records the consumed optimizer steps (``trainer.global_step`` when a trainer is
     attached, else the ``consumed_steps`` attribute, which a Fabric loop should keep up to date); after
     ``load_state_dict`` the next ``train_dataloader()`` starts exactly at that step.
+
+    Args:
+        train_files: one path or a list: ``.jsonl``/``.json`` (JSON Lines), ``.parquet``, ``.txt``/``.cor`` (one
+            sample per line); globs, folders and ``package:<pkg>/<path>`` work.
+        tokenizer: a tokenizer folder, hub id, ``.gguf`` or ``package:`` path (usually the model's).
+        val_files: validation files (same forms); none: no validation.
+        tokenizer_gguf_file: GGUF file name inside ``tokenizer`` when it is a folder.
+        mode: ``sft`` (rows with ``messages``: chat template, loss on assistant tokens only), ``pretrain`` (rows
+            with ``text``, loss on every token) or ``auto`` (by each row's keys).
+        text_key: the key holding plain text.
+        messages_key: the key holding the chat messages.
+        micro_batch_tokens: tokens per packed micro-batch (one row of samples back to back).
+        grad_accum_steps: micro-batches per optimizer step on each data-parallel rank.
+        overlong: a sample longer than ``micro_batch_tokens``: ``truncate`` it or ``drop`` it.
+        on_bad_row: a malformed row: ``error`` (names file, line and fix) or ``skip`` (counted in ``stats``).
+        shuffle: shuffle rows through a buffer, differently each epoch.
+        shuffle_buffer: rows held by the shuffle buffer.
+        seed: seed of the shuffle.
+        num_epochs: passes over the data; none: cycle until ``max_steps``.
+        add_eos: end each plain-text sample with the tokenizer's EOS token.
+        num_workers: 0 (produce the stream in the training process) or 1 (in one background worker).
+        allow_global_batch_change: allow resuming with another dp × ``grad_accum_steps`` or
+            ``micro_batch_tokens``; refused by default, since the global batch of the run would change.
     """
 
     def __init__(
@@ -250,6 +274,10 @@ class TextDataModule(pl.LightningDataModule):
             val_files = [val_files]
         self.train_files = list(train_files)
         self.val_files = list(val_files) if val_files else None
+        if not self.val_files:
+            # No validation data: Lightning then sees val_dataloader as not defined and skips validation, instead of
+            # running an empty loop and warning that its length is zero.
+            self.val_dataloader = types.MethodType(pl.LightningDataModule.val_dataloader, self)  # type: ignore[method-assign]
         self.tokenizer_path = tokenizer
         self.tokenizer_gguf_file = tokenizer_gguf_file
         self.mode = mode
@@ -370,10 +398,8 @@ class TextDataModule(pl.LightningDataModule):
         self._train_ds = self._dataset(self._train_paths, skip_micro_batches=skip)
         return self._loader(self._train_ds)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Finite, unshuffled validation stream; each item is a list holding one micro-batch. ``[]`` without val_files."""
-        if not self.val_files:
-            return []
+    def val_dataloader(self) -> DataLoader:
+        """Finite, unshuffled validation stream; each item is a list holding one micro-batch (needs ``val_files``)."""
         if self._encoder is None:
             self.setup("validate")
         assert self._val_paths is not None
@@ -441,7 +467,7 @@ class TextDataModule(pl.LightningDataModule):
         saved_g, saved_tokens = self._resumed_batch
         G = self.global_micro_batches_per_step
         if saved_tokens is not None and saved_tokens != self.micro_batch_tokens:
-            raise ValueError(
+            raise ConfigError(
                 f"Resuming would change the global batch: the checkpoint used micro_batch_tokens={saved_tokens}, this "
                 f"run {self.micro_batch_tokens}. Fix: set micro_batch_tokens={saved_tokens}, or "
                 "allow_global_batch_change=true to continue with a different batch on purpose."
@@ -451,7 +477,7 @@ class TextDataModule(pl.LightningDataModule):
                 fix = f"set grad_accum_steps={saved_g // self.dp_size} (with {self.dp_size} data-parallel ranks)"
             else:
                 fix = f"use a data-parallel size dividing {saved_g} and grad_accum_steps = {saved_g} / that size"
-            raise ValueError(
+            raise ConfigError(
                 f"Resuming would change the global batch: the checkpoint was written with {saved_g} micro-batches per "
                 f"step (data-parallel size × grad_accum_steps), this run has {self.dp_size} × "
                 f"{self.grad_accum_steps} = {G}. Fix: {fix}, or allow_global_batch_change=true to continue with a "

@@ -69,8 +69,11 @@ class TrainingModule(pl.LightningModule):
     Family modules subclass it and pass these keyword-only settings through ``**kwargs``:
 
     Args:
-        learning_rate, weight_decay, betas, eps: AdamW (fused on CUDA); no decay on 1-D parameters by default
-            (see :meth:`param_groups`).
+        learning_rate: AdamW's peak learning rate (reached after ``warmup_steps``).
+        weight_decay: AdamW's decoupled weight decay; 1-D parameters (norms, biases) get none (see
+            :meth:`param_groups`).
+        betas: AdamW's moment coefficients.
+        eps: AdamW's epsilon.
         warmup_steps: linear warm-up steps; then cosine decay to ``min_lr_ratio × learning_rate`` at the last step
             (``min_lr_ratio=1`` keeps the rate constant after warm-up).
         max_grad_norm: clip the global gradient norm (None: only measure it).
