@@ -122,7 +122,7 @@ def train(args: argparse.Namespace) -> list[float]:
         state["step"] = dm.consumed_steps = step + 1
         losses.append(result.loss)  # a device tensor: read after the loop, not per step
         if state["step"] % args.log_every == 0 or state["step"] == args.steps:
-            metrics = module.step_metrics(result, scheduler.get_last_lr()[0])
+            metrics = module.step_metrics(result)
             fabric.print(
                 f"step {state['step']}/{args.steps}  loss {float(metrics['train/loss']):.4f}  "
                 f"grad_norm {float(metrics['train/grad_norm']):.3f}  lr {metrics['train/lr']:.2e}  "

@@ -90,6 +90,7 @@ NOISE = [
     "Total length of",
     "Using ModelCheckpoint with manual optimization",
     "Total FLOPs",
+    "Skipping val loop",
 ]
 
 
@@ -133,6 +134,16 @@ def test_tiny_config_trains_end_to_end(tiny_runs):
     assert abs(losses[0] - math.log(49152)) < 0.5
     assert losses[TINY_STEPS - 1] < losses[0]
     assert all(math.isfinite(v) and v > 0 for v in _grad_norms(rows).values())
+    # The logged lr is the one each step applied (warm-up over 1 step, then cosine), not the next step's.
+    from veomni_lightning.modules.base import warmup_cosine
+
+    lrs = {int(r["step"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
+    init = yaml.safe_load(TINY_CONFIG.read_text())["model"]["init_args"]
+    for step, lr in lrs.items():
+        want = init["learning_rate"] * warmup_cosine(
+            step, warmup_steps=init["warmup_steps"], total_steps=TINY_STEPS, min_ratio=0.1
+        )
+        assert math.isclose(lr, want, rel_tol=1e-6), (step, lr, want)
 
 
 def test_tiny_config_sp2_matches_single_process(tiny_runs):
@@ -341,28 +352,16 @@ def test_impossible_layout_from_cli(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _main_config_in(tmp: Path) -> tuple[Path, Path, Path, Path]:
-    """The shipped main-job yaml with every output path moved under ``tmp``; nothing else changed."""
-    config = yaml.safe_load(MAIN_CONFIG.read_text())
-    logs, ckpts, hf = tmp / "logs", tmp / "checkpoints", tmp / "hf"
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(logs)
-    callbacks = config["trainer"]["callbacks"]
-    by_name = {cb["class_path"].rsplit(".", 1)[-1]: cb for cb in callbacks}
-    assert set(by_name) == {"ModelCheckpoint", "HFExport"}, callbacks
-    by_name["ModelCheckpoint"]["init_args"]["dirpath"] = str(ckpts)
-    by_name["HFExport"]["init_args"]["dirpath"] = str(hf)
-    path = tmp / "smollm2_135m_cpu.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path, logs, ckpts, hf
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_readme_main_job(tmp_path):
-    config_path, logs, ckpts, hf = _main_config_in(tmp_path)
-    proc = _run_cli(["fit", "--config", str(config_path), "--trainer.enable_progress_bar", "false"], tmp_path, 900)
+    # The README's command verbatim, run in a fresh folder: everything lands in outputs/smollm2_135m_cpu/version_0.
+    proc = _run_cli(["fit", "--config", str(MAIN_CONFIG)], tmp_path, 900)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert not (tmp_path / "outputs").exists()
+    run = tmp_path / "outputs" / "smollm2_135m_cpu" / "version_0"
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    logs, ckpts, hf = run, run / "checkpoints", run / "hf"
+    assert not [text for text in NOISE if text in proc.stderr], proc.stderr[-4000:]
 
     max_steps = yaml.safe_load(MAIN_CONFIG.read_text())["trainer"]["max_steps"]
     losses = _train_losses(_read_metrics(logs))
@@ -375,6 +374,10 @@ def test_readme_main_job(tmp_path):
     assert [p.name for p in saved] == [f"epoch=0-step={max_steps}.ckpt"], saved
     assert saved[0].is_dir() and (saved[0] / ".metadata").is_file()  # a sharded DCP folder
     assert not list(ckpts.glob("*.tmp")) and not list(ckpts.glob("*.old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*saved[0].iterdir(), *hf.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -32,6 +32,9 @@ def test_dev_extra_resolves_with_the_installed_torch(tmp_path):
     cmd += ["--index-url", "https://pypi.org/simple", "--report", str(report), f"{REPO}[dev]", f"torch=={release}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)
     assert proc.returncode == 0, f"pip could not resolve .[dev] with torch=={release}:\n{proc.stderr[-4000:]}"
-    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+    resolved = {
+        item["metadata"]["name"].lower(): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
     assert resolved.get("torch") == release, resolved.get("torch")
     assert "triton" in resolved  # the Triton interpreter tests' dependency is part of [dev]

@@ -27,9 +27,9 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.loggers import CSVLogger
 
 import veomni_lightning.data  # noqa: F401  (short class names on the command line: --data.help TextDataModule)
@@ -50,10 +50,13 @@ QUIET: list[tuple[type[Warning], str]] = [
     # ModelCheckpoint with manual optimisation: our checkpoint at step s holds the state after step s, as resuming
     # needs; the warning proposes saving a pre-step copy of the weights instead.
     (UserWarning, r"Using ModelCheckpoint with manual optimization and every_n_train_steps"),
+    # Every TrainingModule can validate; a run without val_files simply has no validation.
+    (UserWarning, r"You defined a `validation_step` but have no `val_dataloader`"),
 ]
 
 #: Lightning info messages (not warnings) that only advertise products.
 _QUIET_INFO_PREFIXES = ("💡 Tip:",)
+
 
 def _ours(base: type) -> list[type]:
     """The library's concrete subclasses of ``base`` (imported above), in name order."""
@@ -128,7 +131,9 @@ def _first_line(message: str, parser: LightningArgumentParser) -> str:
         given = unrecognized.group(1)
         known = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
         return f"unknown option {given}{_suggest(given, known)}"
-    not_accepted = re.findall(r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '([\w.]+)' is not accepted", message)
+    not_accepted = re.findall(
+        r"Problem with given class_path '([\w.]+)':\s*\n\s*Option '([\w.]+)' is not accepted", message
+    )
     if not_accepted:
         class_path, key = not_accepted[0]
         return f"{class_path.rsplit('.', 1)[-1]} has no argument '{key}'{_suggest(key, _init_arg_names(class_path))}"

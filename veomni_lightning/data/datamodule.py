@@ -19,9 +19,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .packing import GreedyPacker, Sample, build_micro_batch, iter_packed
 from veomni_lightning.errors import ConfigError
 
+from .packing import GreedyPacker, Sample, build_micro_batch, iter_packed
 from .sources import DataError, expand_files, iter_epoch_rows, iter_file_rows
 from .tokenize import SampleEncoder, load_tokenizer, pad_token_id
 

@@ -61,6 +61,7 @@ class StepResult(NamedTuple):
     losses: dict[str, torch.Tensor]  # each named loss's global mean
     grad_norm: torch.Tensor  # before clipping
     tokens: int  # sequence positions this rank processed (host count, for throughput)
+    lr: float  # the learning rate this step applied (of the first parameter group)
 
 
 class TrainingModule(pl.LightningModule):
@@ -291,6 +292,7 @@ class TrainingModule(pl.LightningModule):
             sums = sums + torch.stack([s.detach().float() for s in local])
             tokens += self.tokens_in(micro_batch)
         grad_norm = clip_grad_norm(self.model.parameters(), self.hparams.max_grad_norm)
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step applies (the scheduler moves it below)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -301,14 +303,18 @@ class TrainingModule(pl.LightningModule):
             self._meter = ThroughputMeter(self.compute_device)
             self._flops_per_token = self.flops_per_token(step_batch[0])
         self._meter.add(tokens)
-        return StepResult(loss, dict(zip(self.loss_weights, means)), grad_norm, tokens)
+        return StepResult(loss, dict(zip(self.loss_weights, means)), grad_norm, tokens, lr)
 
-    def step_metrics(self, result: StepResult, lr: float) -> dict[str, Any]:
+    def step_metrics(self, result: StepResult) -> dict[str, Any]:
         """The metrics of a logging step: loss (and each named loss), grad norm, lr, tokens/s, MFU, peak memory.
 
         Reading the throughput syncs the device once; call it on logging steps only.
         """
-        metrics: dict[str, Any] = {"train/loss": result.loss, "train/grad_norm": result.grad_norm, "train/lr": lr}
+        metrics: dict[str, Any] = {
+            "train/loss": result.loss,
+            "train/grad_norm": result.grad_norm,
+            "train/lr": result.lr,
+        }
         if len(result.losses) > 1:
             metrics.update({f"train/{name}": value for name, value in result.losses.items()})
         rate = self._meter.read() if self._meter is not None else None
@@ -330,7 +336,7 @@ class TrainingModule(pl.LightningModule):
         # Metrics are logged on logging steps only: Lightning turns every logged progress-bar tensor into a Python
         # number at each step, a host-device sync that would leave the GPU idle while the next step is launched.
         if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            metrics = self.step_metrics(result, scheduler.get_last_lr()[0])
+            metrics = self.step_metrics(result)
             shown = {"train/loss", "train/lr", "train/tokens_per_s_per_device"}
             for name, value in metrics.items():
                 self.log(name, value, prog_bar=name in shown)
@@ -405,7 +411,9 @@ def check_training_settings(
     """Refuse impossible optimizer settings when the module is constructed, long before the model is loaded."""
 
     def bad(name: str, value: Any, want: str) -> ConfigError:
-        return ConfigError(f"{name} must be {want}, got {value!r}. Fix: --model.init_args.{name} <value> (or the yaml).")
+        return ConfigError(
+            f"{name} must be {want}, got {value!r}. Fix: --model.init_args.{name} <value> (or the yaml)."
+        )
 
     if not (math.isfinite(learning_rate) and learning_rate > 0):
         raise bad("learning_rate", learning_rate, "a positive number (e.g. 2e-5)")
