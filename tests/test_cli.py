@@ -193,6 +193,24 @@ def test_run_stderr_is_free_of_known_noise(tiny_runs, run):
     assert "Warning" not in err, err[-4000:]  # nothing else slipped in either
 
 
+def test_progress_is_plain_lines_off_a_terminal_and_one_rewritten_line_on_it():
+    import io
+
+    from veomni_lightning.callbacks import StepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert StepProgress(stream=io.StringIO()).plain
+    tty = Terminal()
+    bar = StepProgress(stream=tty)
+    assert not bar.plain
+    bar._write("step 1/2", final=False)
+    bar._write("step 2/2", final=True)
+    assert tty.getvalue() == "\r" + "step 1/2".ljust(80) + "\r" + "step 2/2".ljust(80) + "\n"
+
+
 def test_progress_line_format():
     from veomni_lightning.callbacks.progress import format_progress_line
 
@@ -308,10 +326,15 @@ def test_bad_input_fails_before_the_model_is_built(tmp_path, case, expected):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "no end}')
     extra = ["--model.init_args.learning_rate=-1e-4"] if case == "negative_lr" else ["--data.train_files", str(bad)]
+    _assert_refused_before_model_build(tmp_path, extra, expected)
+
+
+def _assert_refused_before_model_build(cwd: Path, extra: list[str], expected: str) -> None:
+    """The command (in a subprocess: it sets up a process group) exits 1 with one ``error:`` line, no model built."""
     args = ["fit", "--config", str(TINY_CONFIG), "--trainer.max_steps", "1", *extra]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     proc = subprocess.run(
-        [sys.executable, "-c", _TRIPWIRE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", _TRIPWIRE, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "MODEL BUILT" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-4000:]
@@ -319,19 +342,13 @@ def test_bad_input_fails_before_the_model_is_built(tmp_path, case, expected):
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-4000:]
 
 
-def test_export_folder_in_use_is_refused_before_training(tmp_path, monkeypatch):
-    from veomni_lightning.cli import main
-
+def test_export_folder_in_use_is_refused_before_training(tmp_path):
     taken = tmp_path / "hf"
     taken.mkdir()
     (taken / "model.safetensors").write_text("a previous export")
-    monkeypatch.chdir(tmp_path)
-    args = ["fit", "--config", str(TINY_CONFIG), "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false"]
-    args += ["--trainer.callbacks+", "veomni_lightning.callbacks.HFExport"]
-    args += ["--trainer.callbacks.init_args.dirpath", str(taken)]
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    assert info.value.code == 1
+    extra = ["--trainer.callbacks+", "veomni_lightning.callbacks.HFExport"]
+    extra += ["--trainer.callbacks.init_args.dirpath", str(taken)]
+    _assert_refused_before_model_build(tmp_path, extra, f"the export folder {taken} already holds a previous export")
     assert (taken / "model.safetensors").read_text() == "a previous export"
 
 
