@@ -135,6 +135,7 @@ def fit_tiny(
     accelerator: str = "cpu",
     param_dtype: str = "fp32",
     stop_after: int | None = None,
+    module_options: dict[str, Any] | None = None,
     **strategy_options: Any,
 ) -> tuple[Any, Any, list[float], list[float]]:
     """Train a tiny model with the real Trainer + VeOmniStrategy + CausalLMModule + TextDataModule (CPU fp32 default)."""
@@ -173,7 +174,9 @@ def fit_tiny(
         callbacks=callbacks,
         log_every_n_steps=1,
     )
-    module = CausalLMModule(model=model_dir, learning_rate=lr, warmup_steps=1, max_grad_norm=1.0)
+    module = CausalLMModule(
+        model=model_dir, learning_rate=lr, warmup_steps=1, max_grad_norm=1.0, **(module_options or {})
+    )
     data = TextDataModule(
         train_files=[data_file],
         tokenizer=tokenizer_dir,

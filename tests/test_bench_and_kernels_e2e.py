@@ -73,7 +73,7 @@ def _clip_dtensor_worker(rank: int, world: int) -> dict:
     full = torch.arange(1.0, 9.0).reshape(4, 2)
     param = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]))
     param.grad = distribute_tensor(full.clone(), mesh, [Shard(0)])
-    norm = clip_grad_norm([param], 2.0)
+    norm = clip_grad_norm([param], 2.0, mesh.get_group())
     assert isinstance(param.grad, DTensor)
     return {"norm": norm.item(), "clipped": param.grad.full_tensor().tolist(), "full": full.tolist()}
 

@@ -69,6 +69,10 @@ class ModelAdapter:
         for block in blocks:
             _checkpointed_forward(block)
 
+    def experts(self, model: nn.Module) -> list[nn.Module]:
+        """The mixture-of-experts experts modules of ``model`` (split over ``ep`` ranks under EP); none here."""
+        return []
+
     def init_random_weights(self, model: nn.Module, seed: int) -> None:
         """Random init, identical whatever the parallel layout: each module's ``reset_parameters``, seeded by name."""
 
@@ -122,6 +126,25 @@ class TransformersAdapter(ModelAdapter):
                 if not hasattr(block, "gradient_checkpointing"):
                     raise ValueError(f"{type(block).__name__} has no per-block gradient_checkpointing switch.")
                 block.gradient_checkpointing = False
+
+    def experts(self, model: nn.Module) -> list[nn.Module]:
+        """Experts modules decorated by transformers' ``use_experts_implementation`` (fused 3-D expert weights).
+
+        Their forward is switched to the ``ep`` implementation (``veomni_lightning.parallel.experts``), which
+        dispatches tokens over the EP group and, without one, groups them by expert on this rank.
+        """
+        from veomni_lightning.parallel.experts import EXPERTS_IMPLEMENTATION, register_experts_implementation
+
+        found = [
+            m
+            for m in model.modules()
+            if hasattr(m, "num_experts") and hasattr(m, "is_concatenated") and hasattr(m, "has_gate")
+        ]
+        if found:
+            register_experts_implementation()
+            for module in found:
+                module.config._experts_implementation = EXPERTS_IMPLEMENTATION
+        return found
 
     def init_random_weights(self, model: nn.Module, seed: int) -> None:
         from transformers import PreTrainedModel

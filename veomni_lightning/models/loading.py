@@ -281,7 +281,7 @@ def init_random_weights(
         if not params and not buffers:
             continue
         # A shallow copy of the module (same class, so isinstance checks in the init match) with its own dicts.
-        tmp = copy.copy(module)
+        tmp = _shallow_copy(module)
         # None entries (e.g. bias=False) are kept: inits read ``module.bias``.
         object.__setattr__(tmp, "_parameters", {k: None for k in module._parameters})
         object.__setattr__(tmp, "_buffers", {k: None for k in module._buffers})
@@ -307,6 +307,19 @@ def init_random_weights(
             _copy_full_into(p, tmp._parameters[k])
         for k, b in buffers.items():
             _copy_full_into(b, tmp._buffers[k])
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """``copy.copy`` of a module, as its own class even when ``fully_shard`` swapped in an ``FSDP<Name>`` class
+    (whose ``__new__`` re-runs ``__init__``, which copying cannot call)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    tmp = object.__new__(cls)
+    tmp.__dict__.update(module.__dict__)
+    return tmp
 
 
 def _post_order(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -38,6 +38,7 @@ from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import ModelAdapter, materialize_model
 from veomni_lightning.modules.metrics import ThroughputMeter, device_peak_tflops
 from veomni_lightning.parallel import ParallelConfig, ParallelMesh, all_reduce_sum, clip_grad_norm, parallelize_model
+from veomni_lightning.parallel.reductions import split_groups_by_mesh
 
 __all__ = ["Backbone", "StepResult", "TrainingModule", "warmup_cosine"]
 
@@ -202,7 +203,18 @@ class TrainingModule(pl.LightningModule):
                     backbone.adapter.enable_checkpointing(backbone.module, mine)
 
         all_blocks = [block for _, blocks in per_backbone for block in blocks]
-        parallelize_model(root, all_blocks, self.parallel_mesh.fsdp_mesh, self.parallel_config, enable_checkpointing)
+        experts = [m for b in backbones for m in b.adapter.experts(b.module)]
+        check_expert_layout(experts, self.parallel_mesh.dims.ep)
+        parallelize_model(
+            root,
+            all_blocks,
+            self.parallel_mesh.fsdp_mesh,
+            self.parallel_config,
+            enable_checkpointing,
+            experts=experts,
+            ep_mesh=self.parallel_mesh.view("ep"),
+            efsdp_mesh=self.parallel_mesh.view("efsdp"),
+        )
         # With CPU offload FSDP2 keeps the sharded parameters (and so the optimizer state) in CPU memory.
         offload = self.parallel_mesh.fsdp_mesh is not None and self.parallel_config.cpu_offload
         materialize_model(root, torch.device("cpu") if offload else self.compute_device)
@@ -232,7 +244,7 @@ class TrainingModule(pl.LightningModule):
                 "learning rate after warm-up."
             )
         fused = next(self.model.parameters()).device.type == "cuda"
-        groups = [g for g in self.param_groups() if g["params"]]
+        groups = split_groups_by_mesh([g for g in self.param_groups() if g["params"]])
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         schedule = functools.partial(
             warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps, min_ratio=hp.min_lr_ratio
@@ -291,7 +303,9 @@ class TrainingModule(pl.LightningModule):
             backward(objective)
             sums = sums + torch.stack([s.detach().float() for s in local])
             tokens += self.tokens_in(micro_batch)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.hparams.max_grad_norm)
+        grad_norm = clip_grad_norm(
+            self.model.parameters(), self.hparams.max_grad_norm, self.parallel_mesh.group("fsdp_shard")
+        )
         lr = float(optimizer.param_groups[0]["lr"])  # the rate this step applies (the scheduler moves it below)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -395,6 +409,23 @@ class TrainingModule(pl.LightningModule):
                 f"{sorted(self.loss_weights)} (default_loss_weights)."
             )
         return [values[name] for name in self.loss_weights]
+
+
+def check_expert_layout(experts: list[nn.Module], ep: int) -> None:
+    """``ep`` must divide every MoE layer's expert count, and needs a model with experts."""
+    if ep == 1:
+        return
+    if not experts:
+        raise ConfigError(
+            f"ep_size={ep}, but the model has no mixture-of-experts layers (no experts module found). Fix: ep_size: 1 "
+            "for a dense model."
+        )
+    counts = sorted({int(m.num_experts) for m in experts})
+    if any(n % ep for n in counts):
+        raise ConfigError(
+            f"ep_size={ep} does not divide the model's number of experts ({', '.join(map(str, counts))}): each EP rank "
+            "holds the same number of experts. Fix: an ep_size dividing it (and dp_shard × sp)."
+        )
 
 
 def check_training_settings(

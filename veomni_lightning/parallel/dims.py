@@ -12,6 +12,8 @@ view                  dims                               used for
 ``fsdp``              (dp_replicate,) dp_shard × sp      FSDP2 parameter sharding (SP ranks shard weights too)
 ``loss``              dp_replicate × dp_shard × sp       loss-sum reduction
 ``sp``                sp                                 Ulysses all-to-all
+``ep``                ep (innermost of dp_shard × sp)    expert-parallel all-to-all (MoE)
+``efsdp``             (dp_replicate,) dp_shard·sp / ep   FSDP2 sharding of each rank's experts
 ====================  =================================  ==============================================
 """
 
@@ -105,11 +107,6 @@ class ParallelDims:
                 f"ParallelDims was built for world size {self.world_size}, but the process group has "
                 f"{dist.get_world_size()} ranks."
             )
-        if self.ep > 1:
-            raise ParallelLayoutError(
-                "Expert parallelism (ep > 1) is not implemented yet; the mesh reserves it for the MoE recipes. "
-                "Set ep_size=1."
-            )
         # Each view is its own unflattening of the 1-D world mesh (torchtitan's scheme) rather than a slice of
         # flattened dims of one root mesh, which DeviceMesh deprecates. Ranks are laid out
         # dp_replicate × dp_shard × sp, outermost first, in every view.
@@ -123,6 +120,13 @@ class ParallelDims:
             "fsdp": fsdp if self.dp_replicate > 1 else fsdp["dp_shard_sp"],
             "fsdp_shard": fsdp["dp_shard_sp"],
         }
+        if self.ep > 1:
+            # Experts: split over ep consecutive ranks inside dp_shard × sp; each rank's experts FSDP-sharded over
+            # the efsdp = dp_shard·sp / ep ranks holding the same experts (torchtitan's layout).
+            efsdp = self.dp_shard * self.sp // self.ep
+            sparse = world._unflatten(0, (self.dp_replicate, efsdp, self.ep), ("dp_replicate", "efsdp", "ep"))
+            views["ep"] = sparse["ep"]
+            views["efsdp"] = sparse["dp_replicate", "efsdp"] if self.dp_replicate > 1 else sparse["efsdp"]
         return ParallelMesh(self, world, views=views)
 
 
@@ -137,12 +141,14 @@ class ParallelMesh:
     * ``fsdp``: parameter sharding (dp_shard × sp), 2-D (dp_replicate, dp_shard × sp) for HSDP.
     * ``fsdp_shard``: the shard dim of ``fsdp`` alone (the ranks that reduce-scatter together).
     * ``sp``: the Ulysses group.
+    * ``ep`` / ``efsdp`` (only with ep > 1): the ranks that split the experts, and the ranks that FSDP-shard one
+      rank's experts (dp_shard·sp / ep of them, 2-D with dp_replicate for HSDP).
 
     ``ParallelMesh.single_process(device_type)`` is the layout of one process without a process group: every size
     is 1, every view and group ``None``, so callers need no special case.
     """
 
-    VIEW_NAMES = ("batch", "loss", "fsdp", "fsdp_shard", "sp")
+    VIEW_NAMES = ("batch", "loss", "fsdp", "fsdp_shard", "sp", "ep", "efsdp")
 
     def __init__(
         self,

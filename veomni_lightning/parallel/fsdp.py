@@ -1,8 +1,9 @@
 """FSDP2, activation checkpointing and compilation, applied by short explicit functions in a fixed order.
 
 Order (see :func:`parallelize_model`): activation checkpointing (on the chosen share of the blocks) →
-``torch.compile`` per block (optional) → ``fully_shard`` per block → ``fully_shard`` on the root → gradient
-reduction set to *sum*. This module knows no model library: the blocks and the function that turns checkpointing on
+``torch.compile`` per block (optional) → expert parallelism (MoE experts split on the expert dim over ``ep``) →
+``fully_shard`` of each experts module over ``efsdp`` → ``fully_shard`` per block → ``fully_shard`` on the root →
+gradient reduction set to *sum*. This module knows no model library: the blocks and the function that turns checkpointing on
 come from a model adapter (``veomni_lightning.models.adapters``).
 
 Why sum: the ranks of one SP group hold different tokens of the same samples, and the loss each rank back-propagates is
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from .config import ParallelConfig
 
-__all__ = ["checkpointed_share", "apply_compile", "apply_fsdp", "parallelize_model"]
+__all__ = ["checkpointed_share", "apply_compile", "apply_expert_parallel", "apply_fsdp", "parallelize_model"]
 
 #: ``enable_checkpointing(blocks)`` makes each given block recompute its forward in backward.
 CheckpointFn = Callable[[list[nn.Module]], None]
@@ -52,7 +54,28 @@ def apply_compile(blocks: list[nn.Module]) -> None:
         block.compile()
 
 
-def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, config: ParallelConfig) -> None:
+def apply_expert_parallel(experts: list[nn.Module], ep_mesh: DeviceMesh) -> None:
+    """Keep this rank's ``num_experts / ep`` experts: every parameter with the expert dim first becomes a DTensor
+    sharded on it over ``ep_mesh``; the module learns its group (``ep_group``) for the ``ep`` experts function.
+    """
+    ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    for module in experts:
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.ndim and param.shape[0] == module.num_experts:
+                local = param.chunk(ep, dim=0)[rank]
+                sharded = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)
+                module.register_parameter(name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module.ep_group = ep_mesh.get_group()
+
+
+def apply_fsdp(
+    blocks: list[nn.Module],
+    root: nn.Module,
+    mesh: DeviceMesh,
+    config: ParallelConfig,
+    experts: list[nn.Module] = (),
+    experts_mesh: DeviceMesh | None = None,
+) -> None:
     """``fully_shard`` every block, then the root (which owns what is left: embeddings, final norm, lm_head).
 
     The root is never resharded after forward: the loss (lm_head, fused cross-entropy) is computed inside the root's
@@ -69,6 +92,11 @@ def apply_fsdp(blocks: list[nn.Module], root: nn.Module, mesh: DeviceMesh, confi
         mp_policy=config.mixed_precision(),
         offload_policy=CPUOffloadPolicy() if config.cpu_offload else OffloadPolicy(),
     )
+    if experts_mesh is not None:
+        # Experts first, on their own mesh: the block's fully_shard below then leaves their parameters alone.
+        expert_common = {**common, "mesh": experts_mesh}
+        for module in experts:
+            fully_shard(module, reshard_after_forward=config.reshard_after_forward, **expert_common)
     for i, block in enumerate(blocks):
         # The last block's weights are needed again right away by backward: resharding them would be wasted work.
         reshard = config.reshard_after_forward and i < len(blocks) - 1
@@ -87,11 +115,17 @@ def parallelize_model(
     mesh: DeviceMesh | None,
     config: ParallelConfig,
     enable_checkpointing: CheckpointFn | None = None,
+    *,
+    experts: list[nn.Module] = (),
+    ep_mesh: DeviceMesh | None = None,
+    efsdp_mesh: DeviceMesh | None = None,
 ) -> None:
-    """Apply checkpointing, compilation and FSDP2 to ``root`` and its ``blocks`` in the fixed order.
+    """Apply checkpointing, compilation, expert parallelism and FSDP2 to ``root`` and its ``blocks`` in order.
 
     ``enable_checkpointing`` comes from the model's adapter; it is required when ``config.activation_checkpointing``
-    is on. Without a mesh (one process, no strategy) only checkpointing and compilation apply.
+    is on. ``experts`` are the MoE experts modules (from the adapter); with ``ep_mesh`` they are split over it and
+    FSDP-sharded over ``efsdp_mesh``. Without a mesh (one process, no strategy) only checkpointing and compilation
+    apply.
     """
     if config.activation_checkpointing:
         if enable_checkpointing is None:
@@ -99,5 +133,7 @@ def parallelize_model(
         enable_checkpointing(checkpointed_share(blocks, config.checkpoint_fraction))
     if config.compile_blocks:
         apply_compile(blocks)
+    if ep_mesh is not None:
+        apply_expert_parallel(list(experts), ep_mesh)
     if mesh is not None:
-        apply_fsdp(blocks, root, mesh, config)
+        apply_fsdp(blocks, root, mesh, config, list(experts), efsdp_mesh if ep_mesh is not None else None)
