@@ -518,3 +518,10 @@ def test_gguf_package_source_converts_once_and_matches(tmp_path):
     materialize_model(model, "cpu")
     load_pretrained_weights(model, src)
     torch.testing.assert_close(model.model.embed_tokens.weight, original.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_config_override_through_an_alias_applies():
+    # Qwen3-MoE's num_experts is an alias of num_local_experts, the key its to_dict() writes.
+    from veomni_lightning.models.source import config_from_model_type
+
+    assert config_from_model_type("qwen3_moe", overrides={"num_experts": 4}).num_experts == 4

@@ -15,7 +15,6 @@ communication). No rank ever holds the full model.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import re
 import zlib

@@ -290,6 +290,10 @@ def _apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
     # Converted or fine-tuned folders sometimes carry a quantization section that would make transformers quantize.
     data = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
     if overrides:
+        # An alias (Qwen3-MoE's num_experts for num_local_experts) must replace the canonical key that to_dict()
+        # wrote, or the old value would win when the config is rebuilt.
+        aliases = getattr(config, "attribute_map", {}) or {}
+        overrides = {aliases.get(key, key): value for key, value in overrides.items()}
         if "num_hidden_layers" in overrides and "layer_types" not in overrides:
             data.pop("layer_types", None)  # re-derived by the constructor for the new depth
         data.update(overrides)
