@@ -45,6 +45,9 @@ RESULTS = HERE / "results"
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True),
+    "tiny-moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                     num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, vocab_size=512, tie_word_embeddings=True, decoder_sparse_step=1),
     "tiny-text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=16, vocab_size=49152, tie_word_embeddings=True),
     "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -55,7 +58,14 @@ SHAPES: dict[str, dict] = {
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    # Qwen3-30B-A3B's layer (hidden 2048, 128 experts, top-8, expert intermediate 768) cut to 4 of its 48 layers so
+    # that plain HF's fp32 weights and AdamW state fit one H100.
+    "qwen3-30b-a3b-4l": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                             num_experts_per_tok=8, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=4,
+                             head_dim=128, vocab_size=151936, tie_word_embeddings=False, decoder_sparse_step=1),
 }  # fmt: skip
+#: The transformers model type of a shape (default: qwen3).
+MODEL_TYPES = {"qwen3-30b-a3b-4l": "qwen3_moe", "tiny-moe": "qwen3_moe"}
 RUN_NAMES = {"a": "plain HF", "b": "Lightning today", "c": "ours"}
 OVERRIDE_KEYS = {
     "ac": bool,
@@ -67,6 +77,7 @@ OVERRIDE_KEYS = {
     "expandable": bool,
     "ac_frac": float,
     "attn": str,
+    "experts": str,
 }
 
 
@@ -164,7 +175,7 @@ def summarize(spec: dict, raw: dict, config, gpus: int, warmup: int) -> dict:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
-    base = next((r for r in rows if r["run"] == "a" and r["status"] == "ok"), None)
+    base = next((r for r in rows if r["run"].split(":")[0] == "a" and r["status"] == "ok"), None)  # the first (a)
     lines = [f"# {meta['title']}", "",
              f"{meta['date']} · {meta['device']} × {meta['gpus']} · torch {meta['torch']} · transformers "
              f"{meta['transformers']} · lightning {meta['lightning']} · triton {meta['triton']}", "",
@@ -198,11 +209,18 @@ def shape_parameters(shape: str) -> tuple[int, int]:
     from transformers import AutoModelForCausalLM
 
     from veomni_lightning.models import config_from_model_type
-    from veomni_lightning.modules.metrics import count_parameters, input_embedding_parameters
+    from veomni_lightning.models.adapters import find_experts
+    from veomni_lightning.modules.metrics import (
+        count_parameters,
+        inactive_expert_parameters,
+        input_embedding_parameters,
+    )
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config_from_model_type("qwen3", overrides=SHAPES[shape]))
-    return count_parameters(model), input_embedding_parameters(model)
+        model = AutoModelForCausalLM.from_config(
+            config_from_model_type(MODEL_TYPES.get(shape, "qwen3"), overrides=SHAPES[shape])
+        )
+    return count_parameters(model), input_embedding_parameters(model) + inactive_expert_parameters(find_experts(model))
 
 
 def rescored(result_path: Path) -> dict:
@@ -211,7 +229,7 @@ def rescored(result_path: Path) -> dict:
 
     data = json.loads(Path(result_path).read_text())
     meta = data["meta"]
-    config = config_from_model_type("qwen3", overrides=SHAPES[meta["shape"]])
+    config = config_from_model_type(MODEL_TYPES.get(meta["shape"], "qwen3"), overrides=SHAPES[meta["shape"]])
     n_params, embedding_params = shape_parameters(meta["shape"])
     for r in data["rows"]:
         if r["status"] != "ok":
@@ -283,10 +301,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     from veomni_lightning.models import config_from_model_type
 
-    config = config_from_model_type("qwen3", overrides=SHAPES[args.shape])
+    config = config_from_model_type(MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
-    defaults = dict(model_type="qwen3", overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1,
+    defaults = dict(model_type=MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1, experts="",
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

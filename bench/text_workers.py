@@ -84,7 +84,10 @@ def _device() -> torch.device:
 def _config(spec: dict) -> Any:
     from veomni_lightning.models import config_from_model_type
 
-    return config_from_model_type(spec["model_type"], overrides=spec["overrides"])
+    config = config_from_model_type(spec["model_type"], overrides=spec["overrides"])
+    if spec.get("experts"):  # (a)'s MoE experts implementation in transformers (grouped_mm, eager, ...)
+        config._experts_implementation = spec["experts"]
+    return config
 
 
 def _hf_model_on(device: torch.device, spec: dict, attn: str) -> tuple[torch.nn.Module, Any]:
@@ -286,10 +289,17 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def _sizes(model: torch.nn.Module) -> dict[str, int]:
-    """What MFU needs of a (sharded) HF model: all parameters, and the untied input-embedding table it leaves out."""
-    from veomni_lightning.modules.metrics import count_parameters, input_embedding_parameters
+    """What MFU needs of a (sharded) HF model: its parameters, less the untied input-embedding table and, for MoE, the
+    expert weights a token does not use (counted here as ``embedding_params``, the part MFU leaves out)."""
+    from veomni_lightning.models.adapters import find_experts
+    from veomni_lightning.modules.metrics import (
+        count_parameters,
+        inactive_expert_parameters,
+        input_embedding_parameters,
+    )
 
-    return {"n_params": count_parameters(model), "embedding_params": input_embedding_parameters(model)}
+    left_out = input_embedding_parameters(model) + inactive_expert_parameters(find_experts(model))
+    return {"n_params": count_parameters(model), "embedding_params": left_out}
 
 
 def _finish(clock: StepClock, device: torch.device) -> dict:

@@ -64,3 +64,30 @@ def test_bench_counts_and_recomputed_qwen3_8b_mfu(monkeypatch):
     assert round(100 * measured["c"], 1) == 57.8 and round(100 * rescored["c"], 1) == 54.4
     for run, old in measured.items():
         assert rescored[run] == pytest.approx(old * 0.9413, rel=1e-4)  # 1 − 6E / (6P + 12·L·H·D·S) at 8k
+
+
+def test_moe_flops_count_active_experts_only():
+    # Qwen3-MoE: 4 experts of which 2 are used per token; each experts module holds 4 × (2·I·H + H·I) weights.
+    from transformers import AutoModelForCausalLM
+
+    from veomni_lightning.models.adapters import TransformersAdapter
+    from veomni_lightning.models.source import config_from_model_type
+    from veomni_lightning.modules.metrics import count_parameters, inactive_expert_parameters
+
+    overrides = dict(
+        hidden_size=16,
+        moe_intermediate_size=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=32,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config_from_model_type("qwen3_moe", overrides=overrides))
+    experts = TransformersAdapter().experts(model)
+    assert len(experts) == 2
+    per_layer = 4 * (2 * 8 * 16 + 16 * 8)
+    assert inactive_expert_parameters(experts) == 2 * per_layer // 2
+    assert count_parameters(model) - inactive_expert_parameters(experts) < count_parameters(model)

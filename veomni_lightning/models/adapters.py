@@ -27,7 +27,14 @@ from torch.utils.checkpoint import checkpoint
 from .export import export_hf_folder, full_state_dict, write_folder_on_rank0, write_safetensors
 from .loading import init_random_weights, load_pretrained_weights
 
-__all__ = ["ModelAdapter", "TransformersAdapter", "DiffusersAdapter", "adapter_for", "blocks_by_class_name"]
+__all__ = [
+    "ModelAdapter",
+    "TransformersAdapter",
+    "DiffusersAdapter",
+    "adapter_for",
+    "blocks_by_class_name",
+    "find_experts",
+]
 
 
 def blocks_by_class_name(model: nn.Module, class_names: Iterable[str]) -> list[nn.Module]:
@@ -51,6 +58,15 @@ def _checkpointed_forward(block: nn.Module) -> None:
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
     block.forward = forward
+
+
+def find_experts(model: nn.Module) -> list[nn.Module]:
+    """The experts modules of transformers MoE layers: those decorated by ``use_experts_implementation``."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "num_experts") and hasattr(m, "is_concatenated") and hasattr(m, "has_gate")
+    ]
 
 
 class ModelAdapter:
@@ -135,11 +151,7 @@ class TransformersAdapter(ModelAdapter):
         """
         from veomni_lightning.parallel.experts import EXPERTS_IMPLEMENTATION, register_experts_implementation
 
-        found = [
-            m
-            for m in model.modules()
-            if hasattr(m, "num_experts") and hasattr(m, "is_concatenated") and hasattr(m, "has_gate")
-        ]
+        found = find_experts(model)
         if found:
             register_experts_implementation()
             for module in found:

@@ -274,6 +274,10 @@ def is_model_type(name: str) -> bool:
     return name in CONFIG_MAPPING and not Path(name).expanduser().exists()
 
 
+#: Config fields that some config classes leave unset unless given, and that their models read when set.
+_OPTIONAL_CONFIG_KEYS = {"head_dim"}
+
+
 def _apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
     """Rebuild ``config`` with ``overrides`` so that fields derived in ``__init__`` follow them.
 
@@ -281,7 +285,8 @@ def _apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
     when ``num_hidden_layers`` changes, and building the model then fails or mis-assigns attention types.
     """
     overrides = dict(overrides or {})
-    unknown = sorted(key for key in overrides if not hasattr(config, key))
+    # head_dim: optional in some configs (Qwen3-MoE's), read by attention when present (Qwen3-30B-A3B sets 128).
+    unknown = sorted(key for key in overrides if not hasattr(config, key) and key not in _OPTIONAL_CONFIG_KEYS)
     if unknown:
         raise AttributeError(
             f"config overrides {unknown}: {type(config).__name__} has no such attributes (check the spelling; "

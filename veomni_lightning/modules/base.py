@@ -127,6 +127,7 @@ class TrainingModule(pl.LightningModule):
         self.loss_weights = weights
         self.model: nn.Module | None = None
         self.backbones: list[Backbone] = []
+        self.experts: list[nn.Module] = []  # the MoE experts modules (split over ep ranks under EP)
         self.parallel_mesh: ParallelMesh | None = None
         self.parallel_config = ParallelConfig()
         # Where activations and collectives live (also under Fabric, which never calls module.to(), and with CPU
@@ -223,7 +224,7 @@ class TrainingModule(pl.LightningModule):
                 backbone.adapter.load_weights(backbone.module, backbone.weights)
             else:
                 backbone.adapter.init_random_weights(backbone.module, seed=self.hparams.init_seed + i)
-        self.model, self.backbones = root, backbones
+        self.model, self.backbones, self.experts = root, backbones, experts
 
     # ================================================================== optimizer and schedule
     def configure_optimizers(self) -> dict[str, Any]:

@@ -22,7 +22,12 @@ from veomni_lightning.models import (
 )
 from veomni_lightning.models.causal_lm import CausalLMWithLoss, check_supported_causal_lm
 from veomni_lightning.modules.base import Backbone, TrainingModule
-from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
+from veomni_lightning.modules.metrics import (
+    count_parameters,
+    flops_per_token,
+    inactive_expert_parameters,
+    input_embedding_parameters,
+)
 from veomni_lightning.parallel.attention import packed_attention_kwargs
 from veomni_lightning.parallel.sequence import shard_packed_batch
 
@@ -97,7 +102,7 @@ class CausalLMModule(TrainingModule):
         hf_model = self.model.hf_model
         return flops_per_token(
             hf_model.config,
-            count_parameters(hf_model),
+            count_parameters(hf_model) - inactive_expert_parameters(self.experts),
             micro_batch["input_ids"].shape[-1],
             embedding_params=input_embedding_parameters(hf_model),
         )

@@ -9,8 +9,9 @@ with P the parameter count, E the input-embedding table (a lookup, no matmul: it
 embeddings are tied to the lm_head, where the one shared matrix is counted once, as the lm_head, and E = 0 —, L
 layers, H attention heads, D head dim, S the packed sequence length (tokens per micro-batch before SP slicing), and
 the peak the GPU's dense bf16 throughput (989 TFLOP/s for H100/H200 SXM). The attention term counts full
-(non-causal) attention, as the PaLM/Megatron convention does. MoE families count active experts only; families
-with encoders add their encoder FLOPs and state the formula.
+(non-causal) attention, as the PaLM/Megatron convention does. MoE families count active experts only: P leaves out
+the ``1 − k/E`` share of every expert weight that a token does not use (k experts per token of E; the router and
+any shared experts stay in P); families with encoders add their encoder FLOPs and state the formula.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["count_parameters", "input_embedding_parameters", "flops_per_token", "device_peak_tflops", "ThroughputMeter"]
+__all__ = [
+    "count_parameters",
+    "inactive_expert_parameters",
+    "input_embedding_parameters",
+    "flops_per_token",
+    "device_peak_tflops",
+    "ThroughputMeter",
+]
 
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
@@ -34,6 +42,21 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def inactive_expert_parameters(experts: list[nn.Module]) -> int:
+    """Expert parameters a token does not use: ``(1 − k/E)`` of each experts module's per-expert weights.
+
+    ``experts`` are the MoE experts modules (``num_experts`` = E; ``config.num_experts_per_tok`` = k); sharded
+    DTensors count their full size.
+    """
+    inactive = 0.0
+    for module in experts:
+        num_experts = int(module.num_experts)
+        top_k = int(module.config.num_experts_per_tok)
+        per_expert = sum(p.numel() for p in module.parameters(recurse=False) if p.ndim and p.shape[0] == num_experts)
+        inactive += per_expert * (1 - top_k / num_experts)
+    return int(round(inactive))
 
 
 def input_embedding_parameters(model: nn.Module) -> int:

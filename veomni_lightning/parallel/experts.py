@@ -42,14 +42,17 @@ def _local(weight: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else weight
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
     """``y[rows of expert j] = x[rows of expert j] @ weight[j].T`` for rows grouped by expert, ``counts[j]`` each.
 
-    bf16 on CUDA runs one grouped GEMM (``torch._grouped_mm``); elsewhere an exact loop over the experts.
+    bf16 on CUDA runs one grouped GEMM (``torch._grouped_mm``), reading device-side ``counts`` without a host sync;
+    elsewhere an exact loop over the experts.
     """
     if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-        ends = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=ends)
+        counts = torch.as_tensor(counts, device=x.device)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=counts.cumsum(0, dtype=torch.int32))
+    if isinstance(counts, torch.Tensor):
+        counts = counts.tolist()
     pieces, start = [], 0
     for j, n in enumerate(counts):
         pieces.append(x[start : start + n] @ weight[j].transpose(0, 1))
@@ -93,10 +96,9 @@ def ep_experts_forward(
     order = torch.argsort(expert_ids, stable=True)
     routed = hidden_states[order // top_k]
     counts = torch.bincount(expert_ids, minlength=num_experts)
-    if group is None:  # all experts here: group the rows and compute them
-        per_expert = counts.tolist()
-        h = grouped_linear(routed, _local(self.gate_up_proj), per_expert)
-        h = grouped_linear(self._apply_gate(h), _local(self.down_proj), per_expert)
+    if group is None:  # all experts here: group the rows and compute them (no host sync on the grouped-GEMM path)
+        h = grouped_linear(routed, _local(self.gate_up_proj), counts)
+        h = grouped_linear(self._apply_gate(h), _local(self.down_proj), counts)
         return _combine(h[_inverse(order)], top_k_weights, num_tokens, hidden_states.dtype)
     ep = dist.get_world_size(group)
     per_rank = num_experts // ep
