@@ -197,7 +197,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{r['losses'][-1]:.4f} |")  # fmt: skip
     lines += ["", "tokens/s/GPU: median step after the warm-up steps; peak: `torch.cuda.max_memory_allocated`, max "
               "over ranks; MFU = (6·(P − E) + 12·L·H·D·S) · tokens/s/GPU / peak, E the untied input-embedding table "
-              "(formula in `veomni_lightning/modules/metrics.py`)."]  # fmt: skip
+              "plus, for MoE, the expert weights a token does not use (1 − k/E of them; formula in "
+              "`veomni_lightning/modules/metrics.py`)."]  # fmt: skip
     if meta.get("rescored"):
         lines += ["", f"MFU recomputed on {meta['rescored']} from the measured tokens/s in the JSON file by the rule "
                   "above (the JSON keeps the MFU of the rule at measurement time)."]  # fmt: skip
