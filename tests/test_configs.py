@@ -13,7 +13,13 @@ from veomni_lightning.modules.metrics import count_parameters
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 # Parameter counts (incl. lm_head, tied embeddings once) of the shapes the GPU recipes name, within 2%.
-EXPECTED_PARAMS = {"qwen3_0.6b_sft": 0.596e9, "qwen3_1.7b_sft": 1.72e9, "qwen3_8b_sft": 8.19e9, "llama3_8b_sft": 8.03e9}
+EXPECTED_PARAMS = {
+    "qwen3_0.6b_sft": 0.596e9,
+    "qwen3_1.7b_sft": 1.72e9,
+    "qwen3_8b_sft": 8.19e9,
+    "llama3_8b_sft": 8.03e9,
+    "qwen3_30b_a3b_sft": 30.5e9,  # Qwen3-30B-A3B: 30.5B in all, 3.3B active
+}
 
 
 def test_configs_exist():
