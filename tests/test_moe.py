@@ -30,9 +30,19 @@ def _module_options(family: str, vocab: int) -> dict:
     return {"pretrained": False, "config_overrides": overrides}
 
 
-def _fit(assets: dict, family: str, world: int, ep: int = 1, sp: int = 1, dp_replicate: int = 1, ac: bool = False):
+def _fit(
+    assets: dict,
+    family: str,
+    world: int,
+    ep: int = 1,
+    sp: int = 1,
+    dp_replicate: int = 1,
+    ac: bool = False,
+    export_to: str | None = None,
+    **resume: object,
+):
     accum = GLOBAL_MICRO_BATCHES * sp // world  # dp = world / sp ranks share the global batch
-    _, _, losses, norms = fit_tiny(
+    _, module, losses, norms = fit_tiny(
         family,
         assets["tokenizer"],
         assets["data"],
@@ -43,7 +53,10 @@ def _fit(assets: dict, family: str, world: int, ep: int = 1, sp: int = 1, dp_rep
         grad_accum=accum,
         activation_checkpointing=ac,
         module_options=_module_options(family, int(assets["vocab"])),
+        **resume,
     )
+    if export_to is not None:
+        module.export_hf(export_to)  # collective: every rank gathers its shards
     return {"losses": losses, "grad_norms": norms}
 
 
@@ -170,3 +183,41 @@ def test_moe_cli_config_trains_with_ep2(tmp_path):
     with (tmp_path / "outputs" / "qwen3_moe_tiny_cpu" / "version_0" / "metrics.csv").open() as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def _segment(rank: int, world: int, assets: dict, ep: int, stop: int, ckpt_dir: str, resume: str | None) -> dict:
+    return _fit(assets, "qwen3_moe", world, ep, stop_after=stop, save_every=1, ckpt_dir=ckpt_dir, ckpt_path=resume)
+
+
+@pytest.mark.timeout(600)
+def test_resume_at_another_expert_layout_continues_the_loss_curve(reference, assets, tmp_path):
+    # ep=2 on 2 ranks for step 1, one process for step 2, ep=4 on 4 ranks for step 3: the uninterrupted curve.
+    ckpts, resume, losses, norms = tmp_path / "ckpt", None, [], []
+    for step, (world, ep) in enumerate([(2, 2), (1, 1), (4, 4)], start=1):
+        out = run_distributed(
+            _segment, world, assets, ep, step, str(ckpts), resume, init_process_group=False, timeout=240
+        )[0]
+        losses, norms = losses + out["losses"], norms + out["grad_norms"]
+        resume = str(ckpts / f"epoch=0-step={step}.ckpt")
+    assert losses == pytest.approx(reference["qwen3_moe"]["losses"], rel=1e-4)
+    assert norms == pytest.approx(reference["qwen3_moe"]["grad_norms"], rel=1e-4)
+
+
+def _export(rank: int, world: int, assets: dict, ep: int, out: str) -> dict:
+    return _fit(assets, "qwen3_moe", world, ep, export_to=out)
+
+
+@pytest.mark.timeout(600)
+def test_export_from_expert_parallel_training_loads_in_plain_transformers(assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_distributed(_export, 1, assets, 1, str(tmp_path / "single"), init_process_group=False, timeout=240)
+    run_distributed(_export, 2, assets, 2, str(tmp_path / "ep2"), init_process_group=False, timeout=240)
+    ids = torch.randint(0, int(assets["vocab"]), (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for name in ("single", "ep2"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32)
+        assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 4
+        with torch.no_grad():
+            logits[name] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits["ep2"], logits["single"], rtol=1e-4, atol=1e-4)

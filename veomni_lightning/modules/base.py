@@ -38,7 +38,7 @@ from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import ModelAdapter, materialize_model
 from veomni_lightning.modules.metrics import ThroughputMeter, device_peak_tflops
 from veomni_lightning.parallel import ParallelConfig, ParallelMesh, all_reduce_sum, clip_grad_norm, parallelize_model
-from veomni_lightning.parallel.reductions import split_groups_by_mesh
+from veomni_lightning.parallel.reductions import split_groups
 
 __all__ = ["Backbone", "StepResult", "TrainingModule", "warmup_cosine"]
 
@@ -245,7 +245,8 @@ class TrainingModule(pl.LightningModule):
                 "learning rate after warm-up."
             )
         fused = next(self.model.parameters()).device.type == "cuda"
-        groups = split_groups_by_mesh([g for g in self.param_groups() if g["params"]])
+        expert_params = {id(p) for module in self.experts for p in module.parameters()}
+        groups = split_groups(self.param_groups(), key=lambda p: id(p) in expert_params)
         optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         schedule = functools.partial(
             warmup_cosine, warmup_steps=hp.warmup_steps, total_steps=total_steps, min_ratio=hp.min_lr_ratio

@@ -10,13 +10,13 @@ The training step reduces two kinds of numbers (see ``veomni_lightning.modules.b
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-__all__ = ["all_reduce_sum", "clip_grad_norm", "split_groups_by_mesh"]
+__all__ = ["all_reduce_sum", "clip_grad_norm", "split_groups"]
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -54,16 +54,18 @@ def clip_grad_norm(
     return total
 
 
-def split_groups_by_mesh(groups: list[dict]) -> list[dict]:
-    """Optimizer parameter groups with each group's parameters split by the mesh they live on (same options).
+def split_groups(groups: list[dict], key: Callable[[torch.nn.Parameter], object]) -> list[dict]:
+    """Optimizer parameter groups, each split by ``key(param)`` into groups with the same options (none empty).
 
-    The optimizer's foreach/fused kernels take one group's tensors together, and DTensors of different meshes (MoE
-    experts and dense weights) cannot be.
+    MoE experts get their own groups (``key``: is the parameter an expert's): the optimizer's foreach/fused kernels
+    take one group's tensors together, and expert DTensors live on another mesh than the dense ones under EP. The
+    split is by kind, not by mesh, so the groups (and the saved optimizer and scheduler state) are the same at every
+    layout and a checkpoint resumes at another one.
     """
     out = []
     for group in groups:
-        by_mesh: dict[object, list[torch.nn.Parameter]] = {}
+        by_key: dict[object, list[torch.nn.Parameter]] = {}
         for p in group["params"]:
-            by_mesh.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-        out += [{**group, "params": params} for params in by_mesh.values()]
+            by_key.setdefault(key(p), []).append(p)
+        out += [{**group, "params": params} for params in by_key.values() if params]
     return out
