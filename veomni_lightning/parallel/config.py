@@ -37,7 +37,8 @@ class ParallelConfig:
         dp_replicate_size: HSDP replica groups (parameters sharded within a group, replicated across groups).
         dp_shard_size: ranks that shard the parameters per replica; ``-1`` infers it from the world size.
         sp_size: Ulysses sequence-parallel degree (heads it does not divide are zero-padded, at some cost).
-        ep_size: expert-parallel degree (reserved for MoE; must divide dp_shard × sp).
+        ep_size: expert-parallel degree: MoE experts are split over this many ranks inside dp_shard × sp (it must
+            divide dp_shard × sp and the model's number of experts).
         param_dtype: compute dtype of the all-gathered weights (master weights stay fp32).
         reduce_dtype: dtype of the gradient reduce-scatter.
         reshard_after_forward: free a block's gathered weights after its forward (ZeRO-3) or keep them until

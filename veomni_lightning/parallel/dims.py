@@ -38,7 +38,7 @@ class ParallelLayoutError(ConfigError):
 class ParallelDims:
     """Sizes of each parallel dimension; ``dp_shard=-1`` means "whatever is left of the world size".
 
-    ``ep`` (expert parallelism) is planned into the layout now: it must divide ``dp_shard × sp`` because experts are
+    ``ep`` (expert parallelism) must divide ``dp_shard × sp`` because experts are
     sharded over the same ranks that shard the dense parameters.
     """
 
