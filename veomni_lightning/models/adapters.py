@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from veomni_lightning.errors import ConfigError
+
 from .export import export_hf_folder, full_state_dict, write_folder_on_rank0, write_safetensors
 from .loading import init_random_weights, load_pretrained_weights
 
@@ -152,6 +154,24 @@ class TransformersAdapter(ModelAdapter):
         from veomni_lightning.parallel.experts import EXPERTS_IMPLEMENTATION, register_experts_implementation
 
         found = find_experts(model)
+        for module in found:
+            unsupported = [
+                name
+                for name, bad in (
+                    ("biases", module.has_bias),
+                    ("transposed weights", module.is_transposed),
+                    ("interleaved gate/up", not module.is_concatenated),
+                    ("no gate", not module.has_gate),
+                    ("a post-expert norm", getattr(module, "has_post_expert_norm", False)),
+                )
+                if bad
+            ]
+            if unsupported:
+                raise ConfigError(
+                    f"{type(module).__name__}'s experts have {', '.join(unsupported)}; the 'ep' experts implementation "
+                    "handles fused [gate; up] weights without them (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3 "
+                    "layouts). This family is not supported yet."
+                )
         if found:
             register_experts_implementation()
             for module in found:
