@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, case: str) -> dict:
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:  # max error relative to the reference's largest entry
         return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
+    dist.barrier()  # no rank tears its process group down while another still exchanges (gloo aborts then)
     return {
         "out": rel(out, ref),
         "dx": rel(x_ep.grad, x_ref.grad),
@@ -100,3 +101,22 @@ def test_ep_without_group_equals_eager():
     ours = experts(x, index, weights)
     experts.config._experts_implementation = "eager"
     torch.testing.assert_close(ours, experts(x, index, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_layouts_the_ep_function_does_not_handle_are_refused():
+    from types import SimpleNamespace
+
+    from transformers.integrations.moe import use_experts_implementation
+
+    from veomni_lightning.errors import ConfigError
+    from veomni_lightning.models.adapters import TransformersAdapter
+
+    @use_experts_implementation(is_transposed=True, has_bias=True)
+    class TransposedExperts(torch.nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.num_experts = 4
+
+    model = torch.nn.Sequential(TransposedExperts(SimpleNamespace(_experts_implementation=None)))
+    with pytest.raises(ConfigError, match="biases, transposed weights; the 'ep' experts implementation"):
+        TransformersAdapter().experts(model)

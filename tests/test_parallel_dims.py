@@ -98,11 +98,33 @@ def test_non_positive_or_non_int_sizes(kwargs, name):
     assert repr(kwargs[name]) in msg  # names the bad value
 
 
-def test_ep_greater_than_one_is_not_implemented_at_build_mesh():
-    dims = ParallelDims(world_size=2, sp=2, ep=2)  # a valid layout ...
-    with pytest.raises(ParallelLayoutError, match="not implemented yet") as info:
-        dims.build_mesh("cpu")  # ... that the mesh refuses before any collective
-    assert "ep_size=1" in str(info.value)
+def _ep_mesh_worker(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    out = {}
+    for dp_replicate, ep in [(1, 2), (1, 4), (2, 2)]:
+        pm = ParallelDims(world_size=world, dp_replicate=dp_replicate, ep=ep).build_mesh("cpu")
+        efsdp = pm.view("efsdp")
+        out[f"{dp_replicate}x{ep}"] = {
+            "ep": sorted(dist.get_process_group_ranks(pm.view("ep").get_group())),
+            "efsdp_shape": list(efsdp.shape),
+            "efsdp_shard": sorted(dist.get_process_group_ranks(efsdp.get_group(efsdp.ndim - 1))),
+        }
+    return out
+
+
+def test_expert_views_split_experts_over_consecutive_ranks_inside_dp_shard():
+    # ep innermost: ep groups are consecutive ranks; efsdp joins the ranks holding the same experts (same ep index)
+    # within one replica; HSDP adds the replicate dim to efsdp.
+    results = run_distributed(_ep_mesh_worker, 4, timeout=120)
+    for rank, res in enumerate(results):
+        assert res["1x2"] == {
+            "ep": [rank // 2 * 2, rank // 2 * 2 + 1],
+            "efsdp_shape": [2],
+            "efsdp_shard": [rank % 2, rank % 2 + 2],
+        }
+        assert res["1x4"] == {"ep": [0, 1, 2, 3], "efsdp_shape": [1], "efsdp_shard": [rank]}
+        assert res["2x2"] == {"ep": [rank // 2 * 2, rank // 2 * 2 + 1], "efsdp_shape": [2, 1], "efsdp_shard": [rank]}
 
 
 def test_validate_attention_inconsistent_heads():
