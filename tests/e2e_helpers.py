@@ -86,7 +86,8 @@ def save_tiny_model(path: Path, family: str, vocab_size: int, seed: int = 0, **s
 
 
 class MetricsRecorder:
-    """Callback (built lazily so this module imports without Lightning) recording per-step loss and grad norm."""
+    """Callback (built lazily so this module imports without Lightning) recording per-step loss, grad norm and all
+    logged metrics (``history``)."""
 
     def __new__(cls):
         import lightning.pytorch as pl
@@ -95,11 +96,13 @@ class MetricsRecorder:
             def __init__(self) -> None:
                 self.losses: list[float] = []
                 self.grad_norms: list[float] = []
+                self.history: list[dict[str, float]] = []  # every logged metric, per step
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
                 metrics = trainer.callback_metrics
                 self.losses.append(float(metrics["train/loss"]))
                 self.grad_norms.append(float(metrics["train/grad_norm"]))
+                self.history.append({name: float(value) for name, value in metrics.items()})
 
         return _Recorder()
 

@@ -525,3 +525,69 @@ def test_config_override_through_an_alias_applies():
     from veomni_lightning.models.source import config_from_model_type
 
     assert config_from_model_type("qwen3_moe", overrides={"num_experts": 4}).num_experts == 4
+
+
+MOE_FAMILIES = {
+    "qwen3_moe": dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+def test_per_expert_and_fused_moe_checkpoints_load_the_same_model_and_export_the_hub_layout(tmp_path, family):
+    """Hub MoE checkpoints store one tensor per expert (``mlp.experts.{j}.gate_proj.weight``; Mixtral
+    ``block_sparse_moe.experts.{j}.w1.weight``); transformers' conversion mapping merges them into the fused tensors
+    while streaming. A fused checkpoint (the model's own names) loads through the same call. Export writes the hub
+    layout back, and plain ``from_pretrained`` gives the same logits."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        family, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, **MOE_FAMILIES[family],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    reference.save_pretrained(tmp_path / "per_expert")  # transformers writes the hub layout
+    with safe_open(str(tmp_path / "per_expert" / "model.safetensors"), "pt") as f:
+        per_expert_keys = list(f.keys())
+    assert any(".experts.3." in k for k in per_expert_keys), per_expert_keys[:8]
+    (tmp_path / "fused").mkdir()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "fused" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in reference.state_dict()
+
+    expected = dict(reference.named_parameters())
+    loaded = {}
+    for layout in ("per_expert", "fused"):
+        model = build_model_on_meta(config, attn_implementation="sdpa", dtype=torch.float32)
+        materialize_model(model, "cpu")
+        TransformersAdapter().load_weights(model, tmp_path / layout)
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param, expected[name], rtol=0, atol=0, msg=f"{layout}: {name}")
+        loaded[layout] = model
+
+    export_hf_folder(loaded["per_expert"], tmp_path / "export")
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(per_expert_keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(TOKENS).logits, reference(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_a_converted_checkpoint_missing_an_expert_is_refused_by_name(tmp_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                  **MOE_FAMILIES["qwen3_moe"])  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    del weights["model.layers.0.mlp.experts.3.up_proj.weight"]
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors")
+    model = build_model_on_meta(config, attn_implementation="sdpa", dtype=torch.float32)
+    materialize_model(model, "cpu")
+    with pytest.raises(KeyError, match=r"model.layers.0.mlp.experts.gate_up_proj is merged from unequal numbers"):
+        TransformersAdapter().load_weights(model, tmp_path / "ckpt")
+    del weights["model.layers.0.input_layernorm.weight"]
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(KeyError, match="missing from the checkpoint: .*input_layernorm"):
+        TransformersAdapter().load_weights(model, tmp_path / "ckpt")

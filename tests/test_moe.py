@@ -23,11 +23,14 @@ FAMILIES = {
 # (name, world, ep, sp, dp_replicate)
 LAYOUTS_2 = [("ep2", 2, 2, 1, 1)]
 LAYOUTS_4 = [("ep4", 4, 4, 1, 1), ("ep2_sp2", 4, 2, 2, 1), ("ep2_hsdp2", 4, 2, 1, 2)]
+# Runs with the balancing loss weighted in, all at dp=2: world -> [(name, ep, sp)].
+AUX_COEF = 1.0  # large, so that 3 steps show its effect on training
+AUX_LAYOUTS = {2: [("dp2_ep1", 1, 1), ("dp2_ep2", 2, 1)], 4: [("dp2_ep2_sp2", 2, 2)]}
 
 
-def _module_options(family: str, vocab: int) -> dict:
+def _module_options(family: str, vocab: int, aux: float | None = None) -> dict:
     overrides = {**SHAPE, **FAMILIES[family], "vocab_size": vocab, "tie_word_embeddings": True}
-    return {"pretrained": False, "config_overrides": overrides}
+    return {"pretrained": False, "config_overrides": overrides, "router_aux_loss_coef": aux}
 
 
 def _fit(
@@ -39,10 +42,11 @@ def _fit(
     dp_replicate: int = 1,
     ac: bool = False,
     export_to: str | None = None,
+    aux: float | None = None,
     **resume: object,
 ):
     accum = GLOBAL_MICRO_BATCHES * sp // world  # dp = world / sp ranks share the global batch
-    _, module, losses, norms = fit_tiny(
+    trainer, module, losses, norms = fit_tiny(
         family,
         assets["tokenizer"],
         assets["data"],
@@ -52,12 +56,14 @@ def _fit(
         ep_size=ep,
         grad_accum=accum,
         activation_checkpointing=ac,
-        module_options=_module_options(family, int(assets["vocab"])),
+        module_options=_module_options(family, int(assets["vocab"]), aux),
         **resume,
     )
     if export_to is not None:
         module.export_hf(export_to)  # collective: every rank gathers its shards
-    return {"losses": losses, "grad_norms": norms}
+    history = next(c.history for c in trainer.callbacks if hasattr(c, "history"))
+    moe = {name: [step[name] for step in history] for name in history[0] if name.startswith(("train/aux", "moe/"))}
+    return {"losses": losses, "grad_norms": norms, **moe}
 
 
 def _reference(rank: int, world: int, assets: dict) -> dict:
@@ -72,6 +78,9 @@ def _layouts(rank: int, world: int, assets: dict, layouts: list) -> dict:
                 if (family != "qwen3_moe" or name != "ep2") and ac:
                     continue  # checkpointing is proven once; the layouts and the second family without it
                 results[f"{name}/{family}/ac={ac}"] = _fit(assets, family, world, ep, sp, dp_replicate, ac)
+    # The balancing loss in the objective: its global micro-batch is the same under every ep and sp at dp=2.
+    for name, ep, sp in AUX_LAYOUTS[world]:
+        results[f"aux/{name}"] = _fit(assets, "qwen3_moe", world, ep, sp, aux=AUX_COEF)
     return results
 
 
@@ -114,7 +123,8 @@ def test_single_process_moe_trains(reference):
 def test_ep2_equals_single_process(world2, reference):
     for rank_results in world2:
         for label, got in rank_results.items():
-            _assert_equal(got, reference[label.split("/")[1]], label)
+            if not label.startswith("aux/"):
+                _assert_equal(got, reference[label.split("/")[1]], label)
     assert {"ep2/qwen3_moe/ac=True", "ep2/mixtral/ac=False"} <= set(world2[0])
 
 
@@ -122,8 +132,33 @@ def test_ep2_equals_single_process(world2, reference):
 def test_ep4_ep_times_sp_and_hsdp_equal_single_process(world4, reference):
     for rank_results in world4:
         for label, got in rank_results.items():
-            _assert_equal(got, reference[label.split("/")[1]], label)
-    assert len(world4[0]) == 6
+            if not label.startswith("aux/"):
+                _assert_equal(got, reference[label.split("/")[1]], label)
+    assert len(world4[0]) == 7
+
+
+def _aux_runs(world_results: list) -> dict:
+    runs = {label: got for label, got in world_results[0].items() if label.startswith("aux/")}
+    for rank_results in world_results[1:]:  # logged values are global: the same on every rank
+        for label, got in runs.items():
+            assert rank_results[label] == got, label
+    return runs
+
+
+@pytest.mark.timeout(900)
+def test_balancing_loss_and_expert_load_are_the_same_at_every_ep_and_sp(world2, world4, reference):
+    runs = {**_aux_runs(world2), **_aux_runs(world4)}
+    base = runs.pop("aux/dp2_ep1")
+    assert len(base["train/aux"]) == 3 and all(v > 0 for v in base["train/aux"])
+    for label, got in runs.items():
+        _assert_equal(got, base, label)
+        for name in ("train/aux", "moe/max_over_mean", "moe/layer_1/tokens_max", "moe/layer_0/tokens_min"):
+            torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(base[name]), rtol=1e-4, atol=0)
+    # Weighted in, the balancing loss changes training (the runs above are not the unweighted reference) ...
+    assert abs(base["losses"][-1] - reference["qwen3_moe"]["losses"][-1]) > 1e-4
+    # Load: 4 experts × top-2 over 2 layers; tokens per expert per step, max ÷ mean >= 1 (1 = balanced).
+    assert all(v >= 1.0 for v in base["moe/max_over_mean"])
+    assert base["moe/layer_0/tokens_min"][0] <= base["moe/layer_0/tokens_max"][0]
 
 
 def _bad_layout(rank: int, world: int, assets: dict, family: str, ep: int) -> str:

@@ -67,7 +67,7 @@ def build_micro_batch(samples: list[Sample], micro_batch_tokens: int, pad_id: in
     """Build the micro-batch dict of the training contract from packed samples.
 
     Keys: ``input_ids``/``labels``/``position_ids`` LongTensor [1, T], ``cu_seqlens`` int32 [segments + 1],
-    ``max_seqlen`` int and ``num_loss_tokens`` int, where T = ``micro_batch_tokens`` and labels are already shifted
+    ``max_seqlen`` int, ``num_loss_tokens`` int and ``num_tokens`` int (the real tokens before the padding), where T = ``micro_batch_tokens`` and labels are already shifted
     (``labels[t] = input_ids[t + 1]`` inside a sample where token t+1 is a loss token, else -100).
     """
     T = micro_batch_tokens
@@ -102,6 +102,7 @@ def build_micro_batch(samples: list[Sample], micro_batch_tokens: int, pad_id: in
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
         "max_seqlen": max(seqlens),
         "num_loss_tokens": num_loss,
+        "num_tokens": used,
     }
 
 

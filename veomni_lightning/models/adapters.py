@@ -178,6 +178,13 @@ class TransformersAdapter(ModelAdapter):
                 module.config._experts_implementation = EXPERTS_IMPLEMENTATION
         return found
 
+    def load_weights(self, model: nn.Module, folder: str | os.PathLike) -> None:
+        """Stream the weights in, through transformers' checkpoint conversion for the model (e.g. MoE checkpoints
+        that store one tensor per expert load into the fused expert weights)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        load_pretrained_weights(model, folder, transforms=get_model_conversion_mapping(model))
+
     def init_random_weights(self, model: nn.Module, seed: int) -> None:
         from transformers import PreTrainedModel
 

@@ -50,22 +50,27 @@ class CausalLMWithLoss(nn.Module):
         position_ids: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_router_logits: bool = False,
         **attention_kwargs: Any,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Sum (fp32) of the cross-entropy over this rank's non-ignored tokens; ``labels`` are already shifted.
 
         Give ``input_ids``, or ``inputs_embeds`` built by a multimodal family on the full sequence and cut for SP.
         ``attention_kwargs`` (SP group, ``cu_seq_lens_*``, ``max_length_*``) travel through the HF model's kwargs to
-        the registered attention function.
+        the registered attention function. With ``output_router_logits`` (MoE models) returns ``(loss, router
+        logits)``, one ``[tokens, experts]`` tensor per MoE layer, as the model records them.
         """
+        router = {"output_router_logits": True} if output_router_logits else {}
         outputs = self.hf_model.base_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=False,
+            **router,
             **attention_kwargs,
         )
         head = self.hf_model.get_output_embeddings()
-        return linear_cross_entropy(
+        loss = linear_cross_entropy(
             outputs.last_hidden_state, head.weight, labels, getattr(head, "bias", None), chunk_size=self.ce_chunk_size
         )
+        return (loss, tuple(outputs.router_logits)) if output_router_logits else loss

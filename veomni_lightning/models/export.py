@@ -207,8 +207,13 @@ def export_hf_folder(
     one tensor at a time to rank 0's CPU memory); rank 0 writes, the others wait and raise if rank 0 failed. Custom
     attention implementations are reset to ``"sdpa"`` in config.json and any ``quantization_config`` is dropped.
     Writing is atomic: a failure leaves the previous ``out_dir`` untouched. Returns ``out_dir``.
+
+    The weights are written in the checkpoint layout ``save_pretrained`` writes (transformers' weight conversion
+    reverted: e.g. fused MoE experts back to one tensor per expert, the layout the hub and inference engines use).
     """
-    state_dict = full_state_dict(model)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state_dict = revert_weight_conversion(model, full_state_dict(model))
 
     def write(tmp: Path) -> None:
         write_hf_folder(

@@ -15,10 +15,12 @@ communication). No rank ever holds the full model.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,18 +185,31 @@ def _matches_any(name: str, patterns: Any) -> bool:
     return any(re.search(p, name) for p in (patterns or ()))
 
 
-def load_pretrained_weights(model: nn.Module, src: ModelSource | str, weights_name: str = "model") -> None:
+def load_pretrained_weights(
+    model: nn.Module,
+    src: ModelSource | str,
+    weights_name: str = "model",
+    transforms: Sequence[Any] | None = None,
+) -> None:
     """Stream the safetensors weights of ``src`` into a materialized (optionally FSDP2-sharded) model.
 
     One tensor is read at a time; each rank copies only its shard. Tied weights are loaded once (from whichever tied
     name the file has); dtypes are cast to the parameter's. Persistent buffers found in the file are loaded too.
     Missing weights, unexpected keys and shape mismatches raise one ``KeyError``/``ValueError`` listing them all,
-    before anything is copied. File keys must match the module names exactly (no checkpoint key conversion).
-    ``weights_name`` is the file stem: ``model`` (transformers) or ``diffusion_pytorch_model`` (diffusers).
+    before anything is copied. ``weights_name`` is the file stem: ``model`` (transformers) or
+    ``diffusion_pytorch_model`` (diffusers).
+
+    ``transforms``: transformers' checkpoint conversion for the model (``WeightRenaming`` / ``WeightConverter`` from
+    ``get_model_conversion_mapping``), e.g. per-expert MoE keys (``mlp.experts.{j}.gate_proj.weight``) merged into
+    fused tensors. Whether a transform applies is decided by the file's keys, so a checkpoint already in the model's
+    layout loads unchanged. A converted weight is built one target tensor at a time (one layer's experts).
     """
     folder = Path(src.folder if isinstance(src, ModelSource) else src)
     _check_materialized(model, "load_pretrained_weights")
     files = _weight_files(folder, weights_name)
+    if transforms:
+        _load_converted(model, folder, files, list(transforms))
+        return
 
     # name -> tensor for every parameter and persistent buffer; tied names share one tensor object.
     non_persistent = _non_persistent_buffer_names(model)
@@ -231,6 +246,99 @@ def load_pretrained_weights(model: nn.Module, src: ModelSource | str, weights_na
         for tid, names in groups.items()
         if tid not in chosen and not all(_matches_any(n, ignore_missing) for n in names)
     ]
+    _raise_load_problems(folder, model, missing, unexpected, mismatched)
+
+    # Pass 2: one full tensor in memory at a time.
+    for path, keys in plan.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in keys:
+                _copy_full_into(targets[key], f.get_tensor(key))
+
+
+def _load_converted(model: nn.Module, folder: Path, files: list[Path], transforms: list[Any]) -> None:
+    """:func:`load_pretrained_weights` through transformers' key renamings and weight converters."""
+    from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    non_persistent = _non_persistent_buffer_names(model)
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    targets.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in non_persistent})
+    prefix = getattr(model, "base_model_prefix", None)
+
+    # Pass 1 (headers): where every model tensor comes from. direct: target -> (file, key); merged: target -> the
+    # converter and its (pattern, file, key) sources in natural key order (expert 0, 1, ...).
+    keys = []
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys += [(key, path) for key in f.keys()]
+    keys.sort(key=lambda item: dot_natural_key(item[0]))
+    direct: dict[str, tuple[Path, str]] = {}
+    merged: dict[str, tuple[Any, list[tuple[str, Path, str]]]] = {}
+    unexpected = []
+    for key, path in keys:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, targets)
+        if target not in targets:
+            if key not in non_persistent and not _matches_any(
+                key, getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+            ):
+                unexpected.append(key)
+        elif pattern is None:
+            direct.setdefault(target, (path, key))
+        else:
+            merged.setdefault(target, (by_pattern[pattern], []))[1].append((pattern, path, key))
+    loaded = {id(targets[name]) for name in (*direct, *merged)}
+    ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+    missing = sorted(
+        name for name, t in targets.items() if id(t) not in loaded and not _matches_any(name, ignore_missing)
+    )
+    mismatched = []
+    for name, (_, sources) in merged.items():
+        per_pattern = {pattern: sum(1 for p, _, _ in sources if p == pattern) for pattern, _, _ in sources}
+        if len(set(per_pattern.values())) > 1:  # e.g. one expert's up_proj missing from a per-expert checkpoint
+            mismatched.append(f"{name} is merged from unequal numbers of checkpoint tensors: {per_pattern}")
+    for name, (path, key) in direct.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shape = tuple(f.get_slice(key).get_shape())
+        if shape != tuple(targets[name].shape):
+            mismatched.append(f"{key}: file {shape} vs model {tuple(targets[name].shape)}")
+    _raise_load_problems(folder, model, missing, unexpected, mismatched)
+
+    # Pass 2: one target tensor in memory at a time (a converted one holds its sources, e.g. one layer's experts).
+    for name, (path, key) in direct.items():
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            _copy_full_into(targets[name], f.get_tensor(key))
+    for name, (converter, sources) in merged.items():
+        converter = copy.deepcopy(converter)
+        for pattern, path, key in sources:
+            converter.add_tensor(name, key, pattern, functools.partial(_read_tensor, path, key))
+        try:
+            converted = converter.convert(name, model=model, config=getattr(model, "config", None))
+        except Exception as error:
+            raise ValueError(
+                f"cannot load {folder}: merging {len(sources)} checkpoint tensors ({sources[0][2]}, ...) into {name} "
+                f"failed: {error}"
+            ) from error
+        if name not in converted:
+            raise KeyError(f"converting {[s[2] for s in sources]} gave {sorted(converted)}, not {name}.")
+        full = converted[name]
+        if tuple(full.shape) != tuple(targets[name].shape):
+            raise ValueError(
+                f"cannot load {folder}: {name} converted from {len(sources)} checkpoint tensors has shape "
+                f"{tuple(full.shape)}, the model's is {tuple(targets[name].shape)}."
+            )
+        _copy_full_into(targets[name], full)
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f.get_tensor(key)
+
+
+def _raise_load_problems(
+    folder: Path, model: nn.Module, missing: list[str], unexpected: list[str], mismatched: list[str]
+) -> None:
     problems = []
     if missing:
         problems.append(f"missing from the checkpoint: {sorted(missing)}")
@@ -240,12 +348,6 @@ def load_pretrained_weights(model: nn.Module, src: ModelSource | str, weights_na
         problems.append(f"shape mismatches: {mismatched}")
     if problems:
         raise KeyError(f"cannot load {folder} into {type(model).__name__}: " + "; ".join(problems))
-
-    # Pass 2: one full tensor in memory at a time.
-    for path, keys in plan.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in keys:
-                _copy_full_into(targets[key], f.get_tensor(key))
 
 
 def _module_seed(seed: int, name: str) -> int:

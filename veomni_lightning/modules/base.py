@@ -137,6 +137,15 @@ class TrainingModule(pl.LightningModule):
         self._flops_per_token: float | None = None
         self._val_sums: list[torch.Tensor] = []
 
+    def add_loss(self, name: str, weight: float) -> None:
+        """Declare a named loss that only exists for some models (call in :meth:`build_model`), e.g. the balancing
+        loss of a model that turns out to have experts. It is logged as ``train/<name>`` like the others."""
+        if name in self.loss_weights:
+            raise ValueError(f"{type(self).__name__} already has a loss named {name!r}.")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"the weight of loss {name!r} must be finite and >= 0, got {weight}.")
+        self.loss_weights = {**self.loss_weights, name: float(weight)}
+
     # ================================================================== what a family supplies
     def build_model(self) -> tuple[nn.Module, list[Backbone]]:
         """Build the trained module with parameters on the meta device; return it and the library models inside it.

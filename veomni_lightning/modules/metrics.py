@@ -28,6 +28,7 @@ __all__ = [
     "flops_per_token",
     "device_peak_tflops",
     "ThroughputMeter",
+    "expert_load_metrics",
 ]
 
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
@@ -95,6 +96,23 @@ def device_peak_tflops(device: torch.device) -> float | None:
         if key in name:
             return value
     return None
+
+
+def expert_load_metrics(tokens_per_expert: torch.Tensor, steps: int) -> dict[str, torch.Tensor]:
+    """Per MoE layer: tokens per expert per step (min, max) and max ÷ mean (1 = perfectly balanced).
+
+    ``tokens_per_expert``: ``[layers, experts]`` routed-token counts summed over ``steps`` steps (global counts, the
+    same on every rank). Metric names: ``moe/layer_{i}/tokens_min``, ``.../tokens_max``, ``.../max_over_mean``, and
+    ``moe/max_over_mean``, the worst layer's.
+    """
+    per_step = tokens_per_expert.float() / max(steps, 1)
+    ratio = per_step.max(dim=1).values / per_step.mean(dim=1).clamp_min(1e-9)
+    metrics = {"moe/max_over_mean": ratio.max()}
+    for i, (counts, r) in enumerate(zip(per_step, ratio)):
+        metrics[f"moe/layer_{i}/tokens_min"] = counts.min()
+        metrics[f"moe/layer_{i}/tokens_max"] = counts.max()
+        metrics[f"moe/layer_{i}/max_over_mean"] = r
+    return metrics
 
 
 class ThroughputMeter:
