@@ -78,6 +78,7 @@ OVERRIDE_KEYS = {
     "ac_frac": float,
     "attn": str,
     "experts": str,
+    "ep": int,
 }
 
 
@@ -94,10 +95,12 @@ def parse_run(text: str, defaults: dict) -> dict:
         kind = OVERRIDE_KEYS[key]
         spec[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     if mode != "c":
-        if spec["sp"] != 1 or any(
-            k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac", "attn")
+        if (
+            spec["sp"] != 1
+            or spec["ep"] != 1
+            or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac", "attn"))
         ):
-            raise SystemExit(f"{text!r}: sp, compile, reshard, ce_chunk, ac_frac and attn are settings of (c)")
+            raise SystemExit(f"{text!r}: sp, ep, compile, reshard, ce_chunk, ac_frac and attn are settings of (c)")
         spec.update(compile=False, ce_chunk=None)
     return spec
 
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = config_from_model_type(MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
     defaults = dict(model_type=MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1, experts="",
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1, ep=1, experts="",
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

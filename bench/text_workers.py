@@ -274,6 +274,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
     )
     parallel = ParallelConfig(
         sp_size=spec["sp"],
+        ep_size=spec.get("ep", 1),
         param_dtype=spec["dtype"],
         reduce_dtype="fp32",
         activation_checkpointing=spec["ac"],

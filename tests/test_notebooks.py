@@ -122,7 +122,25 @@ def _check_finetune_smollm2_news(nb, out: Path) -> None:
     assert math.isfinite(float(loss))
 
 
-RESULT_CHECKS: dict[str, Callable] = {"finetune_smollm2_news": _check_finetune_smollm2_news}
+def _check_train_tiny_moe(nb, out: Path) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    losses, aux = summary["losses"], summary["aux"]
+    assert len(losses) == len(aux) == summary["steps"] == len(summary["ep2_losses"]), summary
+    assert all(math.isfinite(x) for x in losses + aux + summary["ep2_losses"])
+    assert losses[-1] < losses[0] - 1.0, f"the tiny MoE did not learn: {losses}"
+    # aux is E · Σ f·P per layer: top_k (2) when balanced, at most E (8).
+    assert all(1.9 < a < 8.0 for a in aux), aux
+    ratios = summary["max_over_mean"]
+    assert sorted(ratios) == ["layer_0", "layer_1"] and all(r >= 1.0 for v in ratios.values() for r in v), ratios
+    # The 2-process ep=2 CLI run follows the same curve (its balancing statistics span 2 micro-batches at once).
+    assert summary["cross_entropy_max_relative_difference"] < 1e-3, summary
+    assert any("image/png" in o.get("data", {}) for o in _outputs(nb, "display_data")), "no inline PNG plot"
+
+
+RESULT_CHECKS: dict[str, Callable] = {
+    "finetune_smollm2_news": _check_finetune_smollm2_news,
+    "train_tiny_moe": _check_train_tiny_moe,
+}
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "ep_experts_forward", "grouped_linear", "register_experts_implementation"]
 
@@ -38,8 +39,9 @@ EXPERTS_IMPLEMENTATION = "ep"
 
 def _local(weight: torch.Tensor) -> torch.Tensor:
     """This rank's experts of an expert-sharded weight (a DTensor on the ep mesh), or the weight itself."""
-    to_local = getattr(weight, "to_local", None)
-    return to_local() if to_local is not None else weight
+    # An isinstance check, not getattr(weight, "to_local"): Dynamo traces the former (compiled blocks) but resolves
+    # the getattr of a parameter to None and leaves the DTensor in the graph.
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
