@@ -43,6 +43,10 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, args: tuple, ou
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"{rank}.pt")
+        if dist.is_initialized():
+            # No rank tears its process group down while a peer is still finishing its last collective: under load,
+            # gloo aborts (SIGABRT) a rank whose peer closed the connection early.
+            dist.barrier()
     except BaseException:
         (Path(out_dir) / f"{rank}.err").write_text(traceback.format_exc())
         raise

@@ -74,7 +74,7 @@ def segments(mb: dict) -> list[tuple[int, int]]:
 
 def check_micro_batch(mb: dict, T: int, pad_id: int) -> None:
     """All contract invariants of one micro-batch."""
-    assert set(mb) == {"input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "num_loss_tokens"}
+    assert set(mb) == {"input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "num_loss_tokens", "num_tokens"}
     for k in ("input_ids", "labels", "position_ids"):
         assert mb[k].dtype == torch.long and mb[k].shape == (1, T), k
     cu = mb["cu_seqlens"]
@@ -88,6 +88,10 @@ def check_micro_batch(mb: dict, T: int, pad_id: int) -> None:
     assert mb["max_seqlen"] == max(b - a for a, b in segments(mb))
     assert mb["num_loss_tokens"] == int((labels != IGNORE_INDEX).sum())
     assert isinstance(mb["max_seqlen"], int) and isinstance(mb["num_loss_tokens"], int)
+    # Real tokens come first, then the padding (its own segment of pad ids, ignored labels).
+    real = mb["num_tokens"]
+    assert isinstance(real, int) and 0 < real <= T and (labels[real:] == IGNORE_INDEX).all()
+    assert real == T or cu.tolist()[-2] == real
 
 
 def decoded_samples(tok, mb: dict, with_padding: bool = False) -> list[str]:

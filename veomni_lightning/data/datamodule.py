@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -43,7 +43,7 @@ STAT_KEYS = (
 )
 
 
-def encode_row(encoder: SampleEncoder, row: Any, loc: Any) -> tuple[list[int], list[bool]]:
+def encode_row(encoder: SampleEncoder, row: Any, loc: Any) -> Sample:
     """Tokenize one row; a row that did not parse, or does not encode, raises its :class:`DataError`."""
     try:
         if isinstance(row, DataError):  # the row could not even be parsed
@@ -82,8 +82,10 @@ class PackedStepDataset(IterableDataset):
         text_key: str = "text",
         skip_micro_batches: int = 0,
         name: str = "train",
+        build: Callable[[list[Sample], int, int], dict] = build_micro_batch,
     ) -> None:
         super().__init__()
+        self.build = build  # packed samples -> micro-batch dict (multimodal data adds its media)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
         self.files = files
@@ -123,14 +125,14 @@ class PackedStepDataset(IterableDataset):
             ):
                 counts["rows"] += 1
                 try:
-                    ids, mask = encode_row(self.encoder, row, loc)
+                    sample = encode_row(self.encoder, row, loc)
                 except DataError:
                     if self.on_bad_row == "error":
                         raise
                     counts["skipped_bad_rows"] += 1
                     continue
                 counts["samples"] += 1
-                yield ids, mask
+                yield sample
             counts["epochs_completed"] += 1
             if epoch == 0:
                 self._warn(counts, "after the first pass over the data")
@@ -169,7 +171,7 @@ class PackedStepDataset(IterableDataset):
         step: list[dict] = []
         g = 0  # global micro-batch index in the stream
         for bin_ in iter_packed(self._samples(counts), packer):
-            used = sum(len(ids) for ids, _ in bin_)
+            used = sum(len(sample[0]) for sample in bin_)
             counts["micro_batches"] += 1
             counts["tokens"] += used
             counts["padding_tokens"] += self.micro_batch_tokens - used
@@ -180,7 +182,7 @@ class PackedStepDataset(IterableDataset):
                 continue
             pos = rel % G
             if lo <= pos < hi:  # only this rank's micro-batches are turned into tensors
-                step.append(build_micro_batch(bin_, self.micro_batch_tokens, self.pad_id))
+                step.append(self.build(bin_, self.micro_batch_tokens, self.pad_id))
             if pos == G - 1:
                 yield step
                 step = []
@@ -376,7 +378,11 @@ class TextDataModule(pl.LightningDataModule):
             text_key=self.text_key,
         )
         kwargs.update(overrides)
-        return PackedStepDataset(files, self._encoder, **kwargs)
+        return PackedStepDataset(files, self._encoder, build=self.build_micro_batch, **kwargs)
+
+    def build_micro_batch(self, samples: list[Sample], micro_batch_tokens: int, pad_id: int) -> dict:
+        """Packed samples -> one micro-batch dict (see the package docstring); multimodal data modules add media."""
+        return build_micro_batch(samples, micro_batch_tokens, pad_id)
 
     def _loader(self, ds: PackedStepDataset) -> DataLoader:
         # batch_size=None: the dataset already yields the finished per-step item.

@@ -15,7 +15,9 @@ import torch
 
 IGNORE_INDEX = -100
 
-Sample = tuple[list[int], list[bool]]
+#: ``(input_ids, loss_mask)``, or ``(input_ids, loss_mask, extras)`` where ``extras`` carries what a multimodal
+#: sample brings along (its media tensors, 3-D position ids); packing keeps it with its sample.
+Sample = tuple[list[int], list[bool]] | tuple[list[int], list[bool], dict]
 
 
 class GreedyPacker:
@@ -36,14 +38,18 @@ class GreedyPacker:
         self.dropped = 0
         self.empty = 0
 
-    def add(self, ids: list[int], mask: list[bool]) -> list[list[Sample]]:
-        """Add one sample; returns the micro-batches this closed (zero or one)."""
+    def add(self, ids: list[int], mask: list[bool], extras: dict | None = None) -> list[list[Sample]]:
+        """Add one sample; returns the micro-batches this closed (zero or one).
+
+        A sample with ``extras`` (media) is never truncated: cutting it would separate image tokens from their image,
+        so an overlong one is dropped.
+        """
         n = len(ids)
         if n == 0:
             self.empty += 1
             return []
         if n > self.budget:
-            if self.overlong == "drop":
+            if self.overlong == "drop" or extras is not None:
                 self.dropped += 1
                 return []
             self.truncated += 1
@@ -52,7 +58,7 @@ class GreedyPacker:
         if self.used + n > self.budget:
             done.append(self.current)
             self.current, self.used = [], 0
-        self.current.append((ids, mask))
+        self.current.append((ids, mask) if extras is None else (ids, mask, extras))
         self.used += n
         return done
 
@@ -75,7 +81,7 @@ def build_micro_batch(samples: list[Sample], micro_batch_tokens: int, pad_id: in
     labels: list[int] = []
     positions: list[int] = []
     seqlens: list[int] = []
-    for ids, mask in samples:
+    for ids, mask, *_ in samples:
         n = len(ids)
         input_ids.extend(ids)
         labels.extend(ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(n - 1))
@@ -108,6 +114,6 @@ def build_micro_batch(samples: list[Sample], micro_batch_tokens: int, pad_id: in
 
 def iter_packed(samples: Iterator[Sample], packer: GreedyPacker) -> Iterator[list[Sample]]:
     """Pack a stream of samples; yields each micro-batch's sample list, flushing the tail at the end of the stream."""
-    for ids, mask in samples:
-        yield from packer.add(ids, mask)
+    for sample in samples:
+        yield from packer.add(*sample)
     yield from packer.flush()
