@@ -341,11 +341,15 @@ class TextDataModule(pl.LightningDataModule):
             self._train_paths = expand_files(self.train_files, "train_files")
         if self.val_files and self._val_paths is None:
             self._val_paths = expand_files(self.val_files, "val_files")
+        if self._encoder is None:
+            self._encoder = self.make_encoder()
+            self.check_first_rows()
+
+    def make_encoder(self) -> Any:
+        """Load the tokenizer and build the row encoder (multimodal data modules load a processor instead)."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_path, self.tokenizer_gguf_file)
-        if self._encoder is None:
-            self._encoder = SampleEncoder(self.tokenizer, self.mode, self.text_key, self.messages_key, self.add_eos)
-            self.check_first_rows()
+        return SampleEncoder(self.tokenizer, self.mode, self.text_key, self.messages_key, self.add_eos)
 
     def check_first_rows(self, rows_per_file: int = FIRST_ROWS_CHECKED) -> None:
         """Read and tokenize the first rows of every train/val file, raising their :class:`DataError` now.

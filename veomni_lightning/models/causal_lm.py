@@ -36,13 +36,16 @@ class CausalLMWithLoss(nn.Module):
     Args:
         hf_model: a transformers ``*ForCausalLM`` (its ``base_model`` is the decoder, its output embeddings the head).
         ce_chunk_size: tokens per chunk of the fused cross-entropy.
+        decoder: the decoder to run instead of ``hf_model.base_model`` (a VLM's language model).
     """
 
-    def __init__(self, hf_model: nn.Module, ce_chunk_size: int = 4096) -> None:
+    def __init__(self, hf_model: nn.Module, ce_chunk_size: int = 4096, decoder: nn.Module | None = None) -> None:
         super().__init__()
-        check_supported_causal_lm(hf_model.config)
+        check_supported_causal_lm(getattr(hf_model.config, "text_config", hf_model.config))
         self.hf_model = hf_model
         self.ce_chunk_size = ce_chunk_size
+        # Not a registered child (it lives inside hf_model already): a plain attribute, so no parameter is listed twice.
+        self.__dict__["decoder"] = decoder
 
     def forward(
         self,
@@ -61,7 +64,8 @@ class CausalLMWithLoss(nn.Module):
         logits)``, one ``[tokens, experts]`` tensor per MoE layer, as the model records them.
         """
         router = {"output_router_logits": True} if output_router_logits else {}
-        outputs = self.hf_model.base_model(
+        decoder = self.__dict__["decoder"] if self.__dict__["decoder"] is not None else self.hf_model.base_model
+        outputs = decoder(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,

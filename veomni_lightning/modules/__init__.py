@@ -2,5 +2,6 @@
 
 from veomni_lightning.modules.base import Backbone, StepResult, TrainingModule
 from veomni_lightning.modules.causal_lm import CausalLMModule
+from veomni_lightning.modules.vlm import VLMModule
 
-__all__ = ["Backbone", "CausalLMModule", "StepResult", "TrainingModule"]
+__all__ = ["Backbone", "CausalLMModule", "StepResult", "TrainingModule", "VLMModule"]

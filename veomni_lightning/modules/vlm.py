@@ -1,0 +1,129 @@
+"""``VLMModule``: train transformers image-text-to-text models (Qwen2.5-VL, Qwen3-VL) with FSDP2 + Ulysses SP.
+
+A family module on :class:`~veomni_lightning.modules.base.TrainingModule`. The model is built from its folder's config
+with ``AutoModelForImageTextToText`` (random init, or the folder's weights streamed in); the FSDP blocks are the
+decoder layers and the vision blocks (transformers' ``_no_split_modules``). One named loss, ``loss``: token
+cross-entropy over the assistant tokens of the global batch. Data: :class:`~veomni_lightning.data.VLMDataModule`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from veomni_lightning.errors import ConfigError
+from veomni_lightning.models import TransformersAdapter, build_model_on_meta, load_config, resolve_model_source
+from veomni_lightning.models.vision_language import VisionLanguageAdapter, VisionLanguageWithLoss
+from veomni_lightning.modules.base import Backbone, TrainingModule
+from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
+
+__all__ = ["VLMModule"]
+
+
+class VLMModule(TrainingModule):
+    """Vision-language SFT for Qwen-VL style models (image + video), from a random init or pretrained weights.
+
+    Args:
+        model: the model folder (``config.json``, weights unless ``pretrained=False``, the processor files).
+        pretrained: load the folder's weights (True) or random-init from its config (False).
+        config_overrides: config fields to change before building.
+        attn_implementation: the language model's attention (``ulysses``: packed varlen + SP); the vision tower
+            uses ``sdpa`` per image.
+        ce_chunk_size: tokens per chunk in the fused cross-entropy.
+        freeze_vision: keep the vision tower's blocks and patch embedding fixed (no gradient, not in the optimizer).
+        freeze_projector: keep the projector (the merger into the LM width) fixed.
+        vision_lr: learning rate of the trainable vision tower and projector (default: ``learning_rate``).
+        **training: the training core's settings (see :class:`~veomni_lightning.modules.base.TrainingModule`).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        pretrained: bool = True,
+        config_overrides: dict[str, Any] | None = None,
+        attn_implementation: str = "ulysses",
+        ce_chunk_size: int = 4096,
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
+        vision_lr: float | None = None,
+        **training: Any,
+    ) -> None:
+        super().__init__(**training)
+        if vision_lr is not None and not vision_lr > 0:
+            raise ConfigError(f"vision_lr must be a positive number, got {vision_lr!r}.")
+        self.adapter = VisionLanguageAdapter()
+
+    def build_model(self) -> tuple[nn.Module, list[Backbone]]:
+        from transformers import AutoModelForImageTextToText
+
+        hp = self.hparams
+        source = resolve_model_source(hp.model)
+        config = load_config(source, overrides=hp.config_overrides)
+        if not hasattr(config, "vision_config"):
+            raise ConfigError(
+                f"{hp.model!r} is a {config.model_type} model, not a vision-language one: use CausalLMModule."
+            )
+        weights = None
+        if hp.pretrained:
+            if not source.has_weights:
+                raise ConfigError(
+                    f"{hp.model!r} has a config but no safetensors weights. Fix: point model at a folder with weights, "
+                    "or set pretrained: false to train from a random init."
+                )
+            weights = source.folder
+        text = config.text_config
+        self.parallel_mesh.dims.validate_attention(text.num_attention_heads, text.num_key_value_heads)
+        attention = {"text_config": hp.attn_implementation, "vision_config": "sdpa"}
+        hf_model = build_model_on_meta(
+            config, attn_implementation=attention, dtype=torch.float32, auto_class=AutoModelForImageTextToText
+        )
+        self._freeze(hf_model)
+        root = VisionLanguageWithLoss(hf_model, self.adapter, ce_chunk_size=hp.ce_chunk_size)
+        return root, [Backbone(hf_model, TransformersAdapter(), weights)]
+
+    def _freeze(self, hf_model: nn.Module) -> None:
+        tower = self.adapter.vision_tower(hf_model)
+        projector = {id(p) for m in self.adapter.projector_modules(hf_model) for p in m.parameters()}
+        for p in tower.parameters():
+            is_projector = id(p) in projector
+            if (is_projector and self.hparams.freeze_projector) or (not is_projector and self.hparams.freeze_vision):
+                p.requires_grad_(False)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters only; the vision tower and projector at ``vision_lr`` when given."""
+        groups = super().param_groups()
+        if self.hparams.vision_lr is None:
+            return groups
+        vision = {id(p) for p in self.adapter.vision_tower(self.model.hf_model).parameters()}
+        out = []
+        for group in groups:
+            for is_vision in (False, True):
+                params = [p for p in group["params"] if (id(p) in vision) == is_vision]
+                if params:
+                    out.append({**group, "params": params, **({"lr": self.hparams.vision_lr} if is_vision else {})})
+        return out
+
+    def loss_counts(self, micro_batch: dict[str, Any]) -> dict[str, float]:
+        return {"loss": micro_batch["num_loss_tokens"]}
+
+    def loss_sums(self, micro_batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        mesh = self.parallel_mesh
+        return {"loss": self.model(micro_batch, mesh.sp_rank, mesh.sp_size, mesh.sp_group)}
+
+    def flops_per_token(self, micro_batch: dict[str, Any]) -> float:
+        """The language model's FLOPs per token (the vision tower is not counted yet)."""
+        hf_model = self.model.hf_model
+        decoder = self.adapter.inner(hf_model).language_model
+        return flops_per_token(
+            hf_model.config.text_config,
+            count_parameters(decoder) + count_parameters(hf_model.lm_head),
+            micro_batch["input_ids"].shape[-1],
+            embedding_params=input_embedding_parameters(hf_model),
+        )
+
+    def export_hf(self, out_dir: str, processor: Any | None = None) -> Any:
+        """Write a folder ``AutoModelForImageTextToText.from_pretrained`` loads (collective: every rank calls it)."""
+        return super().export_hf(out_dir, tokenizer=processor)
