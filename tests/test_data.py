@@ -74,7 +74,15 @@ def segments(mb: dict) -> list[tuple[int, int]]:
 
 def check_micro_batch(mb: dict, T: int, pad_id: int) -> None:
     """All contract invariants of one micro-batch."""
-    assert set(mb) == {"input_ids", "labels", "position_ids", "cu_seqlens", "max_seqlen", "num_loss_tokens", "num_tokens"}
+    assert set(mb) == {
+        "input_ids",
+        "labels",
+        "position_ids",
+        "cu_seqlens",
+        "max_seqlen",
+        "num_loss_tokens",
+        "num_tokens",
+    }
     for k in ("input_ids", "labels", "position_ids"):
         assert mb[k].dtype == torch.long and mb[k].shape == (1, T), k
     cu = mb["cu_seqlens"]

@@ -1,0 +1,282 @@
+"""Vision-language training: Qwen2.5-VL and Qwen3-VL (tiny random configs, a real processor, real images and video).
+
+* One process equals plain transformers: the module's summed loss on a packed micro-batch of an image sample, a video
+  sample and a text sample equals the sum of the HF model's per-sample losses computed the plain way (the processor's
+  inputs, the model's own forward and position ids, no packing), rtol 1e-5.
+* Rank-asymmetric batches: in step 0 dp rank 0 holds images and a video and dp rank 1 text only; step 2 has no image
+  anywhere. dp=2, sp=2 and dp=2 × sp=2 (and checkpointing on) give the single-process losses and grad norms (fp32,
+  rtol 1e-4), for both families; every run is bounded by a timeout, so a hung collective fails the test.
+* Freeze options, a separate vision learning rate, export round trip, and bad rows (``DataError`` naming the file,
+  line and media path).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from e2e_helpers import lee_text_path
+from vlm_assets import media_files, save_tiny_vlm_folder
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+TOKENS = 256
+GLOBAL_MICRO_BATCHES = 4
+
+
+def _chat(media: list[tuple[str, str]], question: str, answer: str) -> dict:
+    content = [{"type": kind, kind: path} for kind, path in media] + [{"type": "text", "text": question}]
+    return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+
+def _text(i: int) -> dict:
+    return _chat([], f"Question number {i}: what happened in the story?", f"Answer {i}: the fire was put out.")
+
+
+# Step-major list of global micro-batches, each a list of rows; dp rank r of 2 takes micro-batches 2r, 2r+1.
+PLAN = [
+    [[_chat([("image", "media/cat.png")], "What is this?", "A cat."), _text(0)],
+     [_chat([("video", "media/clip.mp4")], "Describe the clip.", "A rabbit in a forest.")],
+     [_text(1), _text(2)],
+     [_text(3)]],
+    [[_chat([("image", "media/china.jpg")], "Where is this?", "A temple.")],
+     [_chat([("image", "media/coffee.png"), ("image", "media/astronaut.png")], "Compare them.", "Cup and person.")],
+     [_text(4)],
+     [_text(5), _text(6)]],
+    [[_text(7)], [_text(8)], [_text(9), _text(10)], [_text(11)]],
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vlm_assets(tmp_path_factory) -> dict:
+    """Per family: the model folder (config + processor) and the plan's micro-batches built by the real pipeline."""
+    from veomni_lightning.data import VLMDataModule
+    from veomni_lightning.data.multimodal import build_multimodal_micro_batch
+    from veomni_lightning.data.sources import RowLocation
+
+    root = tmp_path_factory.mktemp("vlm")
+    media = root / "media"
+    media.mkdir()
+    files = media_files()
+    for name, source in [("cat.png", "cat"), ("china.jpg", "china"), ("coffee.png", "coffee"),
+                         ("astronaut.png", "astronaut"), ("clip.mp4", "video")]:  # fmt: skip
+        shutil.copy(files[source], media / name)
+    rows = [row for step in PLAN for mb in step for row in mb]
+    data = root / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {"root": str(root), "data": str(data)}
+    for family in FAMILIES:
+        folder = save_tiny_vlm_folder(root / family, family, lee_text_path())
+        dm = VLMDataModule(train_files=str(data), processor=str(folder), micro_batch_tokens=TOKENS)
+        encoder = dm.make_encoder()
+        pad = dm.tokenizer.pad_token_id
+        line = iter(range(1, len(rows) + 1))
+        steps = [
+            [
+                build_multimodal_micro_batch(
+                    [encoder.encode(r, RowLocation(str(data), next(line))) for r in mb], TOKENS, pad
+                )
+                for mb in step
+            ]  # fmt: skip
+            for step in PLAN
+        ]
+        out[family] = {"model": str(folder), "steps": steps}
+    return out
+
+
+def _fit(rank: int, world: int, assets: dict, family: str, sp: int, ac: bool = False) -> dict:
+    import lightning.pytorch as pl
+    from e2e_helpers import MetricsRecorder
+    from torch.utils.data import DataLoader
+    from toy_family import _Steps
+
+    from veomni_lightning.modules import VLMModule
+    from veomni_lightning.parallel import ParallelConfig
+    from veomni_lightning.strategies import VeOmniStrategy
+
+    steps = assets[family]["steps"]
+
+    class Plan(pl.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            kwargs = self.trainer.strategy.distributed_sampler_kwargs or {}
+            dp, r = kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+            share = GLOBAL_MICRO_BATCHES // dp
+            return DataLoader(_Steps([step[r * share : (r + 1) * share] for step in steps]), batch_size=None)
+
+    recorder = MetricsRecorder()
+    strategy = VeOmniStrategy(parallel=ParallelConfig(sp_size=sp, param_dtype="fp32", activation_checkpointing=ac))
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=len(steps), logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder], log_every_n_steps=1, num_sanity_val_steps=0)  # fmt: skip
+    module = VLMModule(assets[family]["model"], pretrained=False, learning_rate=1e-3, warmup_steps=1)
+    trainer.fit(module, datamodule=Plan())
+    return {"losses": recorder.losses, "grad_norms": recorder.grad_norms}
+
+
+def _runs(rank: int, world: int, assets: dict, layouts: list) -> dict:
+    return {f"{family}/{name}": _fit(rank, world, assets, family, sp, ac) for family, name, sp, ac in layouts}
+
+
+@pytest.fixture(scope="module")
+def single(vlm_assets) -> dict:
+    layouts = [(f, "single", 1, False) for f in FAMILIES]
+    return run_distributed(_runs, 1, vlm_assets, layouts, init_process_group=False, timeout=240)[0]
+
+
+def _assert_equal(got: dict, ref: dict, label: str) -> None:
+    assert len(got["losses"]) == len(ref["losses"]) == len(PLAN), label
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0, msg=label)
+    torch.testing.assert_close(
+        torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0, msg=label
+    )
+
+
+@pytest.mark.timeout(600)
+def test_dp2_and_sp2_with_text_only_ranks_equal_single_process(vlm_assets, single):
+    layouts = [(f, name, sp, ac) for f in FAMILIES for name, sp, ac in [("dp2", 1, False), ("sp2", 2, False)]]
+    layouts.append(("qwen2_5_vl", "dp2_ac", 1, True))
+    results = run_distributed(_runs, 2, vlm_assets, layouts, init_process_group=False, timeout=500)
+    for rank_results in results:
+        for label, got in rank_results.items():
+            _assert_equal(got, single[f"{label.split('/')[0]}/single"], label)
+    for family in FAMILIES:
+        losses = single[f"{family}/single"]["losses"]
+        assert losses[-1] < losses[0], (family, losses)
+
+
+@pytest.mark.timeout(600)
+def test_dp2_times_sp2_equals_single_process(vlm_assets, single):
+    layouts = [(f, "dp2_sp2", 2, False) for f in FAMILIES]
+    results = run_distributed(_runs, 4, vlm_assets, layouts, init_process_group=False, timeout=500)
+    for rank_results in results:
+        for label, got in rank_results.items():
+            _assert_equal(got, single[f"{label.split('/')[0]}/single"], label)
+
+
+# ------------------------------------------------------------------------------------------ one process, plain HF
+def _built_module(model: str, **options):
+    from veomni_lightning.modules import VLMModule
+
+    module = VLMModule(model, pretrained=False, **options)
+    module.setup_model(None, None)
+    return module
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_process_loss_equals_plain_transformers_per_sample(vlm_assets, family):
+    from transformers import AutoModelForImageTextToText
+
+    from veomni_lightning.data import VLMDataModule
+    from veomni_lightning.data.sources import RowLocation
+
+    module = _built_module(vlm_assets[family]["model"])
+    micro_batch = vlm_assets[family]["steps"][0][0]  # an image sample and a text sample, packed, then padding
+    with torch.no_grad():
+        ours = module.loss_sums(micro_batch)["loss"]
+
+    hf = module.model.hf_model
+    plain = AutoModelForImageTextToText.from_config(hf.config, attn_implementation="sdpa", dtype=torch.float32)
+    plain.load_state_dict(hf.state_dict())
+    plain.eval()
+    dm = VLMDataModule(train_files=vlm_assets["data"], processor=vlm_assets[family]["model"])
+    encoder = dm.make_encoder()
+    total = torch.zeros((), dtype=torch.float64)
+    for line, row in enumerate(PLAN[0][0], start=1):
+        messages, media = encoder._validate(row, RowLocation(vlm_assets["data"], line))
+        loaded = [encoder._load(kind, path, None) for kind, path in media]
+        inputs = encoder._process(messages, loaded, None)
+        ids, mask, _ = encoder.encode(row, RowLocation(vlm_assets["data"], line))
+        with torch.no_grad():
+            logits = plain(**inputs).logits[0].double()
+        targets = torch.tensor(ids[1:])
+        keep = torch.tensor(mask[1:])
+        total += torch.nn.functional.cross_entropy(logits[:-1][keep], targets[keep], reduction="sum")
+    torch.testing.assert_close(ours.double(), total, rtol=1e-5, atol=0)
+
+
+def test_freeze_options_and_vision_lr(vlm_assets):
+    model = vlm_assets["qwen2_5_vl"]["model"]
+    module = _built_module(model, freeze_vision=True, learning_rate=1e-3)
+    tower = module.adapter.vision_tower(module.model.hf_model)
+    merger = {id(p) for p in tower.merger.parameters()}
+    frozen = [n for n, p in tower.named_parameters() if not p.requires_grad]
+    assert frozen and all(not n.startswith("merger.") for n in frozen)
+    assert all(p.requires_grad for p in tower.merger.parameters())
+    optimizer, _ = module.build_optimizer(10)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in tower.parameters() if not p.requires_grad)
+    with torch.enable_grad():
+        module.loss_sums(vlm_assets["qwen2_5_vl"]["steps"][0][0])["loss"].backward()
+    assert all(p.grad is None for p in tower.parameters() if not p.requires_grad)
+    assert all(p.grad is not None for p in tower.merger.parameters())
+
+    module = _built_module(model, freeze_projector=True, vision_lr=5e-4, learning_rate=1e-3)
+    tower = module.adapter.vision_tower(module.model.hf_model)
+    assert not any(p.requires_grad for p in tower.merger.parameters())
+    optimizer, _ = module.build_optimizer(10)
+    vision = {id(p) for p in tower.parameters()}
+    for group in optimizer.param_groups:
+        kinds = {id(p) in vision for p in group["params"]}
+        assert len(kinds) == 1, "a group mixes vision and language parameters"
+        assert group["lr"] == pytest.approx(5e-4 if kinds == {True} else 1e-3)
+    assert not merger & {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_export_round_trip_gives_the_module_logits(vlm_assets, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = vlm_assets["qwen3_vl"]["model"]
+    module = _built_module(model)
+    processor = AutoProcessor.from_pretrained(model)
+    module.export_hf(str(tmp_path / "hf"), processor=processor)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    reference = module.model.hf_model.eval()
+    ids = torch.randint(10, 500, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
+    assert AutoProcessor.from_pretrained(tmp_path / "hf").image_token == processor.image_token
+
+
+# ------------------------------------------------------------------------------------------ bad rows
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", r"rows.jsonl line 1: image file .*missing.png does not exist"),
+        ("unreadable", r"rows.jsonl line 1: cannot read image .*broken.png"),
+        ("token_count", r"rows.jsonl line 1: the processor rejected the row: Found 1 <\|image_pad\|> tokens"),
+        ("no_assistant", r"rows.jsonl line 1: the conversation has no assistant message"),
+    ],
+)
+def test_bad_rows_name_file_line_and_media(vlm_assets, tmp_path, case, expected):
+    from veomni_lightning.data import VLMDataModule
+    from veomni_lightning.data.sources import DataError
+
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    row = {
+        "missing": _chat([("image", "missing.png")], "What?", "Nothing."),
+        "unreadable": _chat([("image", "broken.png")], "What?", "Nothing."),
+        "token_count": _chat([], "Look: <|image_pad|>", "Nothing."),
+        "no_assistant": {"messages": [{"role": "user", "content": "hello"}]},
+    }[case]
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    dm = VLMDataModule(train_files=str(data), processor=vlm_assets["qwen2_5_vl"]["model"])
+    with pytest.raises(DataError, match=expected):
+        dm.setup("fit")
+
+
+def test_video_row_without_video_support_is_refused(vlm_assets, tmp_path):
+    from veomni_lightning.data.multimodal import MultimodalEncoder
+    from veomni_lightning.data.sources import DataError, RowLocation
+    from veomni_lightning.data.vlm import load_processor, rope_index_of
+
+    model = vlm_assets["qwen2_5_vl"]["model"]
+    processor = load_processor(model)
+    processor.video_processor = None
+    encoder = MultimodalEncoder(processor, rope_index_of(model))
+    row = _chat([("video", str(Path(vlm_assets["root"]) / "media" / "clip.mp4"))], "What?", "A clip.")
+    with pytest.raises(DataError, match=r"rows.jsonl line 3: the row has a video \(.*clip.mp4\) but the processor"):
+        encoder.encode(row, RowLocation(str(tmp_path / "rows.jsonl"), 3))
