@@ -280,3 +280,23 @@ def test_video_row_without_video_support_is_refused(vlm_assets, tmp_path):
     row = _chat([("video", str(Path(vlm_assets["root"]) / "media" / "clip.mp4"))], "What?", "A clip.")
     with pytest.raises(DataError, match=r"rows.jsonl line 3: the row has a video \(.*clip.mp4\) but the processor"):
         encoder.encode(row, RowLocation(str(tmp_path / "rows.jsonl"), 3))
+
+
+@pytest.mark.timeout(300)
+def test_cli_tiny_vlm_config_trains_with_sp2(tmp_path):
+    """The shipped tiny Qwen3-VL config from the command line, over 2 processes with Ulysses SP."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cli = Path(sys.executable).parent / "veomni-lightning"
+    args = [str(cli), "fit", "--config", "configs/vlm/qwen3_vl_tiny_cpu.yaml", "--trainer.max_steps", "3",
+            "--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2",
+            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses

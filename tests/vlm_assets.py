@@ -69,7 +69,7 @@ def save_processor(folder: Path, family: str, text_file: Path) -> Path:
         from transformers import Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
 
         video_processor = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, min_pixels=unit * unit * 4,
-                                                max_pixels=unit * unit * 8, fps=2.0)  # fmt: skip
+                                                max_pixels=unit * unit * 8, fps=2.0, cap_pixels_per_frame=True)  # fmt: skip
         processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok,
                                         video_processor=video_processor, chat_template=CHAT_TEMPLATE)  # fmt: skip
     else:
@@ -91,7 +91,9 @@ def tiny_config(family: str, tokenizer: Any) -> Any:
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}  # fmt: skip
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    special = dict(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    text = dict(**special, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                  "mrope_section": [2, 3, 3]})  # fmt: skip

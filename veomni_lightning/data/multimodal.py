@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .packing import Sample, build_micro_batch
-from .sources import DataError, RowLocation
+from .sources import DataError, RowLocation, resolve_path
 
 __all__ = ["MultimodalEncoder", "build_multimodal_micro_batch", "MEDIA_KEYS"]
 
@@ -183,6 +183,9 @@ class MultimodalEncoder:
 
 
 def _resolve(loc: RowLocation, path: str) -> str:
+    """A media path: ``package:<pkg>/<file>``, absolute, or relative to the data file's folder."""
+    if path.startswith("package:"):
+        return resolve_path(path)
     return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(loc.path)), path)
 
 
