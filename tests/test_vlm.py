@@ -300,3 +300,58 @@ def test_cli_tiny_vlm_config_trains_with_sp2(tmp_path):
     with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
+def _tower_split(rank: int, world: int, assets: dict, family: str) -> dict:
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from veomni_lightning.models.vision_language import VisionLanguageAdapter, VisionLanguageWithLoss
+    from veomni_lightning.parallel.attention import ENCODER_ATTENTION
+
+    torch.manual_seed(0)
+    hf = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(assets[family]["model"]))
+    adapter = VisionLanguageAdapter()
+    adapter.vision_tower(hf).config._attn_implementation = ENCODER_ATTENTION
+    root = VisionLanguageWithLoss(hf, adapter)
+    micro_batch = dict(assets[family]["steps"][1][1])  # two pictures of different sizes
+    micro_batch.update(pixel_values_videos=assets[family]["steps"][0][1]["pixel_values_videos"],
+                       video_grid_thw=assets[family]["steps"][0][1]["video_grid_thw"])  # fmt: skip
+    weights = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+
+    def run(sp_size: int, group) -> tuple:
+        pixels = micro_batch["pixel_values"].clone().requires_grad_()
+        features, deepstack, _ = root.vision_features({**micro_batch, "pixel_values": pixels}, pixels.device,
+                                                      sp_size, group)  # fmt: skip
+        outputs = [features, *(deepstack or [])]
+        # Every rank sees the whole loss here; as in training, the ranks' shares must sum to it.
+        loss = sum((o * weights[: o.shape[-1]]).sum() * (i + 1) for i, o in enumerate(outputs)) / sp_size
+        hf.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in adapter.vision_tower(hf).named_parameters() if p.grad is not None}
+        return [o.detach() for o in outputs], pixels.grad, grads
+
+    reference = run(1, None)
+    adapter.split_for_sequence_parallel(hf, dist.group.WORLD)
+    split = run(world, dist.group.WORLD)
+    return {"reference": reference, "split": split}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.timeout(180)
+def test_vision_tower_split_over_sp_ranks_equals_the_whole_tower(vlm_assets, family):
+    """Each SP rank runs the tower's blocks on its slice of the patches (a padding image evens them out): the merged
+    (and deepstack) features equal the unsplit tower's on every rank, and the parameter and pixel gradients summed
+    over the ranks equal the unsplit ones."""
+    results = run_distributed(_tower_split, 2, vlm_assets, family, timeout=150)
+    ref_outputs, ref_pixel_grad, ref_grads = results[0]["reference"]
+    for rank_result in results:
+        outputs, _, _ = rank_result["split"]
+        assert len(outputs) == len(ref_outputs)
+        for got, want in zip(outputs, ref_outputs):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    pixel_grad = sum(r["split"][1] for r in results)
+    torch.testing.assert_close(pixel_grad, ref_pixel_grad, rtol=1e-4, atol=1e-6)
+    for name, want in ref_grads.items():
+        got = sum(r["split"][2][name] for r in results)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)

@@ -18,6 +18,7 @@ from torch import nn
 from veomni_lightning.models.causal_lm import CausalLMWithLoss
 from veomni_lightning.parallel.attention import packed_attention_kwargs
 from veomni_lightning.parallel.sequence import shard_packed_batch
+from veomni_lightning.parallel.vision import padding_image, split_vision_tower
 
 __all__ = ["VisionLanguageAdapter", "VisionLanguageWithLoss"]
 
@@ -48,6 +49,16 @@ class VisionLanguageAdapter:
         deepstack = getattr(tower, "deepstack_merger_list", None)
         return found + ([deepstack] if deepstack is not None else [])
 
+    def split_for_sequence_parallel(self, hf_model: nn.Module, group: Any) -> list[Any]:
+        """Run the tower's blocks on each SP rank's slice of the patches (see ``parallel/vision.py``)."""
+        tower = self.vision_tower(hf_model)
+        return split_vision_tower(list(tower.blocks), self.projector_modules_flat(hf_model), group)
+
+    def projector_modules_flat(self, hf_model: nn.Module) -> list[nn.Module]:
+        """The merger and each deepstack merger (modules whose output is a merged feature sequence)."""
+        tower = self.vision_tower(hf_model)
+        return [getattr(tower, self.projector), *getattr(tower, "deepstack_merger_list", [])]
+
     def dummy_vision_input(self, hf_model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One tiny image from the config: ``merge × merge`` patches of one temporal patch (what ranks without media
         feed the tower). Its dtype is decided when it is fed (the tower casts inputs to its parameters' dtype)."""
@@ -74,8 +85,14 @@ class VisionLanguageWithLoss(nn.Module):
         decoder = getattr(adapter.inner(hf_model), adapter.decoder)
         self.lm = CausalLMWithLoss(hf_model, ce_chunk_size=ce_chunk_size, decoder=decoder)
 
-    def vision_features(self, micro_batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, Any, bool]:
-        """The tower's merged features for all images then all videos of the micro-batch (dummy when none)."""
+    def vision_features(
+        self, micro_batch: dict[str, Any], device: torch.device, sp_size: int, sp_group: Any
+    ) -> tuple[torch.Tensor, Any, bool]:
+        """The tower's merged features for all images then all videos of the micro-batch (dummy when none).
+
+        Under SP the tower's blocks run on this rank's slice of the patches (``parallel/vision.py``); a padding image
+        makes the patches divide evenly, and its features are dropped here.
+        """
         pixels, grids = [], []
         for pixels_key, grid_key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
             if micro_batch.get(pixels_key) is not None:
@@ -85,18 +102,25 @@ class VisionLanguageWithLoss(nn.Module):
         if not real:
             pixel, grid = self.adapter.dummy_vision_input(self.hf_model, device)
             pixels, grids = [pixel], [grid]
+        merge = self.hf_model.config.vision_config.spatial_merge_size
+        patches = sum(p.shape[0] for p in pixels)
+        keep = patches // merge**2
+        if sp_size > 1 and (pad := padding_image(patches, merge, sp_size, pixels[0].shape[-1], device)) is not None:
+            pixels.append(pad[0])
+            grids.append(pad[1])
         tower = self.adapter.vision_tower(self.hf_model)
         # The live dtype, read now: under FSDP2 mixed precision the stored parameters are fp32 and the compute bf16.
         dtype = next(tower.parameters()).dtype
-        out = tower(torch.cat(pixels).to(dtype), grid_thw=torch.cat(grids))
-        return out.pooler_output, getattr(out, "deepstack_features", None), real
+        out = tower(torch.cat(pixels).to(dtype), grid_thw=torch.cat(grids), sp_group=sp_group)
+        deepstack = getattr(out, "deepstack_features", None)
+        return out.pooler_output[:keep], [d[:keep] for d in deepstack] if deepstack else None, real
 
     def forward(self, micro_batch: dict[str, Any], sp_rank: int, sp_size: int, sp_group: Any) -> torch.Tensor:
         """This rank's summed token loss for one packed micro-batch (SP: its slice of the sequence)."""
         config = self.hf_model.config
         ids = micro_batch["input_ids"]
         embeds = self.hf_model.get_input_embeddings()(ids)
-        features, deepstack, real = self.vision_features(micro_batch, embeds.device)
+        features, deepstack, real = self.vision_features(micro_batch, embeds.device, sp_size, sp_group)
         extra: dict[str, Any] = {}
         if real:
             visual = (ids == config.image_token_id) | (ids == config.video_token_id)

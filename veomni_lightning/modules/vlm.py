@@ -18,6 +18,7 @@ from veomni_lightning.models import TransformersAdapter, build_model_on_meta, lo
 from veomni_lightning.models.vision_language import VisionLanguageAdapter, VisionLanguageWithLoss
 from veomni_lightning.modules.base import Backbone, TrainingModule
 from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
+from veomni_lightning.parallel.attention import ENCODER_ATTENTION
 
 __all__ = ["VLMModule"]
 
@@ -30,7 +31,7 @@ class VLMModule(TrainingModule):
         pretrained: load the folder's weights (True) or random-init from its config (False).
         config_overrides: config fields to change before building.
         attn_implementation: the language model's attention (``ulysses``: packed varlen + SP); the vision tower
-            uses ``sdpa`` per image.
+            uses the bidirectional Ulysses function (packed over its images, its patches split over the SP ranks).
         ce_chunk_size: tokens per chunk in the fused cross-entropy.
         freeze_vision: keep the vision tower's blocks and patch embedding fixed (no gradient, not in the optimizer).
         freeze_projector: keep the projector (the merger into the LM width) fixed.
@@ -80,7 +81,18 @@ class VLMModule(TrainingModule):
         hf_model = build_model_on_meta(
             config, attn_implementation=attention, dtype=torch.float32, auto_class=AutoModelForImageTextToText
         )
+        # Set after building: transformers vets names containing "flash" against flash-attn kernels at build time,
+        # and its Qwen-VL vision attention passes the packed cu_seqlens only to such names (see ENCODER_ATTENTION).
+        self.adapter.vision_tower(hf_model).config._attn_implementation = ENCODER_ATTENTION
         self._freeze(hf_model)
+        if self.parallel_mesh.sp_size > 1:
+            vision_heads = config.vision_config.num_heads
+            if vision_heads % self.parallel_mesh.sp_size:
+                raise ConfigError(
+                    f"sp_size={self.parallel_mesh.sp_size} does not divide the vision tower's {vision_heads} attention "
+                    "heads. Fix: an sp_size dividing it."
+                )
+            self.adapter.split_for_sequence_parallel(hf_model, self.parallel_mesh.sp_group)
         root = VisionLanguageWithLoss(hf_model, self.adapter, ce_chunk_size=hp.ce_chunk_size)
         return root, [Backbone(hf_model, TransformersAdapter(), weights)]
 

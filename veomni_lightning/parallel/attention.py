@@ -38,7 +38,13 @@ import torch.nn.functional as F
 
 from .ulysses import heads_to_seq, seq_to_heads
 
-__all__ = ["ULYSSES_ATTENTION_NAMES", "packed_attention_kwargs", "register_attention_functions", "ulysses_attention"]
+__all__ = [
+    "ENCODER_ATTENTION",
+    "ULYSSES_ATTENTION_NAMES",
+    "packed_attention_kwargs",
+    "register_attention_functions",
+    "ulysses_attention",
+]
 
 ULYSSES_ATTENTION_NAMES: dict[str, str] = {
     "ulysses": "auto",
@@ -46,6 +52,10 @@ ULYSSES_ATTENTION_NAMES: dict[str, str] = {
     "ulysses_varlen": "varlen",
     "ulysses_flash": "flash",
 }
+#: The name vision towers use: the same function, bidirectional within each image. transformers' Qwen-VL vision
+#: attention hands the packed ``cu_seqlens`` to implementations whose name contains "flash" (others get one call per
+#: image after a host sync), hence the name.
+ENCODER_ATTENTION = "ulysses_encoder_flashlike"
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -100,7 +110,7 @@ def _flat_cu_seqlens(q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.
     return torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
 
 
-def _flash_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window) -> torch.Tensor:
+def _flash_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window, causal=True) -> torch.Tensor:
     fn = _flash_varlen_func()
     b, s = q.shape[:2]
     cu = _flat_cu_seqlens(q, cu_seqlens)
@@ -108,12 +118,12 @@ def _flash_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window
     window = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
     out = fn(
         q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, max_len, max_len,
-        dropout_p=dropout, softmax_scale=scaling, causal=True, window_size=window,
+        dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=window,
     )  # fmt: skip
     return out.unflatten(0, (b, s))
 
 
-def _varlen_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window) -> torch.Tensor:
+def _varlen_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window, causal=True) -> torch.Tensor:
     fn, params = _torch_varlen()
     if dropout:
         raise ValueError("torch varlen_attn does not support attention dropout; use ulysses_flash or ulysses_sdpa.")
@@ -122,11 +132,11 @@ def _varlen_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_windo
     kwargs: dict[str, Any] = {"scale": scaling}
     # torch 2.10 had `is_causal`; 2.11+ expresses causality as window_size=(-1, 0), (W-1, 0) for a sliding window.
     if "window_size" in params:
-        kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0)
+        kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window is not None else (-1, 0 if causal else -1)
     else:
         if sliding_window is not None:
             raise ValueError("this torch's varlen_attn has no window_size; sliding-window layers need ulysses_sdpa.")
-        kwargs["is_causal"] = True
+        kwargs["is_causal"] = causal
     if k.shape[2] != q.shape[2]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
@@ -137,10 +147,12 @@ def _varlen_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_windo
     return out.unflatten(0, (b, s))
 
 
-def _packed_causal_mask(cu_seqlens: torch.Tensor | None, s: int, device: torch.device, sliding_window: int | None):
-    """[S, S] boolean mask (True = attend): causal, within one segment, and within the sliding window if any."""
+def _packed_causal_mask(
+    cu_seqlens: torch.Tensor | None, s: int, device: torch.device, sliding_window: int | None, causal: bool = True
+):
+    """[S, S] boolean mask (True = attend): causal (unless not), within one segment, within the sliding window."""
     pos = torch.arange(s, device=device)
-    mask = pos[None, :] <= pos[:, None]
+    mask = pos[None, :] <= pos[:, None] if causal else torch.ones(s, s, dtype=torch.bool, device=device)
     if cu_seqlens is not None:
         # Segment id of every token, vectorised (no host sync): the number of segment ends at or before it.
         seg = torch.searchsorted(cu_seqlens[1:].to(device=device, dtype=torch.int64), pos, right=True)
@@ -150,16 +162,16 @@ def _packed_causal_mask(cu_seqlens: torch.Tensor | None, s: int, device: torch.d
     return mask
 
 
-def _sdpa_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window) -> torch.Tensor:
+def _sdpa_kernel(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window, causal=True) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, S, D]
     if k.shape[1] != q.shape[1]:
         # Repeat rather than enable_gqa: SDPA's GQA path is not supported with an explicit mask on every backend.
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if (cu_seqlens is None or cu_seqlens.numel() == 2) and sliding_window is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=causal)
     else:
-        mask = _packed_causal_mask(cu_seqlens, q.shape[2], q.device, sliding_window)
+        mask = _packed_causal_mask(cu_seqlens, q.shape[2], q.device, sliding_window, causal)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2)
 
@@ -214,7 +226,10 @@ def ulysses_attention(
     max_length_k: int | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal (packed) attention over a sequence split across ``sp_group``, in HF's attention-function contract.
+    """Packed attention over a sequence split across ``sp_group``, in HF's attention-function contract.
+
+    Causal unless the module (or the ``is_causal`` kwarg) says otherwise: encoders (vision towers) attend both ways
+    within each segment.
 
     ``query`` is ``[B, Hq, S_local, D]`` and ``key``/``value`` ``[B, Hkv, S_local, D]``, already rotated, each rank
     holding its contiguous slice of the sequence. Returns ``([B, S_local, Hq, D], None)``. With sp > 1 the heads
@@ -228,8 +243,7 @@ def ulysses_attention(
             "Ulysses attention does not take an attention_mask (2D padding or 4D): pack the batch and pass the "
             "segment offsets as cu_seq_lens_q/k (see packed_attention_kwargs), with attention_mask=None."
         )
-    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
-        raise NotImplementedError("Ulysses attention implements causal (decoder) attention only.")
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     # Packed self-attention: q and k offsets are the same; cu_seq_lens_k only stands in when q's are absent.
     cu_seqlens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
     if cu_seqlens is not None and query.shape[0] != 1:
@@ -254,7 +268,7 @@ def ulysses_attention(
     # Only shapes decide (no device sync): one segment covering each row is a plain causal sequence.
     single_segment = sliding_window is None and (cu_seqlens is None or cu_seqlens.numel() == 2)
     fn = _select_kernel(kernel, q, single_segment)
-    out = fn(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window)
+    out = fn(q, k, v, cu_seqlens, max_len, scaling, dropout, sliding_window, causal)
     # [B, S_full, Hq/sp, D] -> [B, S_local, Hq, D], the layout HF's attention modules expect back.
     out = heads_to_seq(out, sp_group, seq_dim=1, head_dim=2)
     return (out[:, :, :num_heads] if out.shape[2] != num_heads else out), None
@@ -295,7 +309,7 @@ def register_attention_functions() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    for name, kernel in ULYSSES_ATTENTION_NAMES.items():
+    for name, kernel in {**ULYSSES_ATTENTION_NAMES, ENCODER_ATTENTION: "auto"}.items():
         if name not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(name, functools.partial(ulysses_attention, kernel=kernel))
         if name not in ALL_MASK_ATTENTION_FUNCTIONS:
