@@ -92,7 +92,8 @@ class VLMModule(TrainingModule):
                     f"sp_size={self.parallel_mesh.sp_size} does not divide the vision tower's {vision_heads} attention "
                     "heads. Fix: an sp_size dividing it."
                 )
-            self.adapter.split_for_sequence_parallel(hf_model, self.parallel_mesh.sp_group)
+        # Always hooked: besides the SP split, the hook keeps the rotary dtype stable under checkpointing.
+        self.adapter.split_for_sequence_parallel(hf_model, self.parallel_mesh.sp_group)
         root = VisionLanguageWithLoss(hf_model, self.adapter, ce_chunk_size=hp.ce_chunk_size)
         return root, [Backbone(hf_model, TransformersAdapter(), weights)]
 

@@ -54,13 +54,16 @@ def _slice(x: torch.Tensor, full: int, rank: int, world: int) -> torch.Tensor:
 
 
 def split_vision_tower(
-    blocks: list[nn.Module], gathered: list[nn.Module], group: dist.ProcessGroup
+    blocks: list[nn.Module], gathered: list[nn.Module], group: dist.ProcessGroup | None
 ) -> list[torch.utils.hooks.RemovableHandle]:
     """Hook ``blocks`` to run on this rank's slice of the patches and ``gathered`` (mergers) to all-gather theirs.
 
-    Returns the hook handles (``handle.remove()`` undoes the split).
+    The block hook also gives the rotary embeddings the dtype of the hidden states. FSDP2's mixed precision casts a
+    block's floating inputs in the forward pass but not when activation checkpointing recomputes the block, and a
+    tower that computes its rotary table in fp32 (Qwen3-VL) would then recompute with fp32 where it saved bf16. With
+    ``group=None`` (no SP) only that cast is applied. Returns the hook handles (``handle.remove()`` undoes them).
     """
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
 
     def before_block(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cos_sin = kwargs.get("position_embeddings")
@@ -69,18 +72,21 @@ def split_vision_tower(
         full = cos_sin[0].shape[0]
         if full % world:
             raise ValueError(f"{full} patches do not split over {world} SP ranks: append a padding image first.")
-        kwargs["position_embeddings"] = tuple(_slice(t, full, rank, world) for t in cos_sin)
         if args:
             args = (_slice(args[0], full, rank, world), *args[1:])
+            dtype = args[0].dtype
         else:
             kwargs["hidden_states"] = _slice(kwargs["hidden_states"], full, rank, world)
+            dtype = kwargs["hidden_states"].dtype
+        kwargs["position_embeddings"] = tuple(_slice(t, full, rank, world).to(dtype) for t in cos_sin)
         return args, kwargs
 
     def after_merger(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return _GatherSlices.apply(output, group)
 
     handles = [b.register_forward_pre_hook(before_block, with_kwargs=True) for b in blocks]
-    handles += [m.register_forward_hook(after_merger) for m in gathered]
+    if world > 1:
+        handles += [m.register_forward_hook(after_merger) for m in gathered]
     return handles
 
 
