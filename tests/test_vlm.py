@@ -355,3 +355,16 @@ def test_vision_tower_split_over_sp_ranks_equals_the_whole_tower(vlm_assets, fam
     for name, want in ref_grads.items():
         got = sum(r["split"][2][name] for r in results)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mfu_flops_count_the_vision_tower(vlm_assets):
+    from veomni_lightning.modules.metrics import count_parameters
+
+    module = _built_module(vlm_assets["qwen2_5_vl"]["model"])
+    micro_batch = vlm_assets["qwen2_5_vl"]["steps"][0][0]
+    text_only = {k: v for k, v in micro_batch.items() if not k.startswith("pixel_values")}
+    tower = module.adapter.vision_tower(module.model.hf_model)
+    patches, tokens = micro_batch["pixel_values"].shape[0], micro_batch["input_ids"].shape[-1]
+    expected = module.flops_per_token(text_only) + 6 * count_parameters(tower) * patches / tokens
+    assert module.flops_per_token(micro_batch) == pytest.approx(expected)
+    assert patches > 0 and count_parameters(tower) > 0

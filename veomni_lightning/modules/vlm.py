@@ -127,15 +127,23 @@ class VLMModule(TrainingModule):
         return {"loss": self.model(micro_batch, mesh.sp_rank, mesh.sp_size, mesh.sp_group)}
 
     def flops_per_token(self, micro_batch: dict[str, Any]) -> float:
-        """The language model's FLOPs per token (the vision tower is not counted yet)."""
+        """Training FLOPs per token of the language model plus the vision tower's share.
+
+        ``6·(P_lm − E) + 12·L·H·D·S`` (the text formula, ``modules/metrics.py``) ``+ 6·P_vision·N / T`` with ``N``
+        vision patches and ``T`` tokens of the micro-batch (the tower's attention FLOPs are left out). Measured on
+        the first micro-batch, so the logged MFU is approximate when the share of pictures varies.
+        """
         hf_model = self.model.hf_model
         decoder = self.adapter.inner(hf_model).language_model
-        return flops_per_token(
+        tokens = micro_batch["input_ids"].shape[-1]
+        language = flops_per_token(
             hf_model.config.text_config,
             count_parameters(decoder) + count_parameters(hf_model.lm_head),
-            micro_batch["input_ids"].shape[-1],
+            tokens,
             embedding_params=input_embedding_parameters(hf_model),
         )
+        patches = sum(micro_batch[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in micro_batch)
+        return language + 6 * count_parameters(self.adapter.vision_tower(hf_model)) * patches / tokens
 
     def export_hf(self, out_dir: str, processor: Any | None = None) -> Any:
         """Write a folder ``AutoModelForImageTextToText.from_pretrained`` loads (collective: every rank calls it)."""
