@@ -37,31 +37,26 @@ class VisionLanguageAdapter:
     decoder: str = "language_model"
 
     def inner(self, hf_model: nn.Module) -> nn.Module:
+        """The model under the LM head (tower, decoder, ``get_rope_index``)."""
         return hf_model.model
 
     def vision_tower(self, hf_model: nn.Module) -> nn.Module:
+        """The vision encoder (patch embedding, blocks, merger)."""
         return getattr(self.inner(hf_model), self.tower)
-
-    def projector_modules(self, hf_model: nn.Module) -> list[nn.Module]:
-        """The modules mapping vision features to the LM width (the merger; Qwen3-VL's deepstack mergers too)."""
-        tower = self.vision_tower(hf_model)
-        found = [getattr(tower, self.projector)]
-        deepstack = getattr(tower, "deepstack_merger_list", None)
-        return found + ([deepstack] if deepstack is not None else [])
 
     def split_for_sequence_parallel(self, hf_model: nn.Module, group: Any) -> list[Any]:
         """Run the tower's blocks on each SP rank's slice of the patches (see ``parallel/vision.py``)."""
         tower = self.vision_tower(hf_model)
-        return split_vision_tower(list(tower.blocks), self.projector_modules_flat(hf_model), group)
+        return split_vision_tower(list(tower.blocks), self.projector_modules(hf_model), group)
 
-    def projector_modules_flat(self, hf_model: nn.Module) -> list[nn.Module]:
-        """The merger and each deepstack merger (modules whose output is a merged feature sequence)."""
+    def projector_modules(self, hf_model: nn.Module) -> list[nn.Module]:
+        """The modules mapping vision features to the LM width: the merger, and Qwen3-VL's deepstack mergers."""
         tower = self.vision_tower(hf_model)
         return [getattr(tower, self.projector), *getattr(tower, "deepstack_merger_list", [])]
 
     def dummy_vision_input(self, hf_model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One tiny image from the config: ``merge × merge`` patches of one temporal patch (what ranks without media
-        feed the tower). Its dtype is decided when it is fed (the tower casts inputs to its parameters' dtype)."""
+        feed the tower). Its dtype is decided when it is fed: that of a live tower parameter at call time."""
         vision = hf_model.config.vision_config
         merge = vision.spatial_merge_size
         dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
