@@ -19,7 +19,7 @@ Examples::
     python bench/text_throughput.py --shape qwen3-1.7b --runs a c c:compile=0          # (c) with/without compile
 
 A run is ``a``, ``b`` or ``c``, optionally with overrides ``:key=value`` (keys: ac, compile, reshard, ce_chunk, sp,
-dtype, ac_frac, attn: an attention registered by veomni-lightning, expandable: the allocator's expandable segments for
+dtype, ac_frac, ac_policy (full / selective), attn: an attention registered by veomni-lightning, expandable: the allocator's expandable segments for
 (a)/(b), which (c) turns on by itself). ``--data text`` packs a real text file through a tokenizer instead of the default synthetic stream (random
 token ids, one document per sequence, so attention costs what the MFU formula counts).
 """
@@ -76,6 +76,7 @@ OVERRIDE_KEYS = {
     "dtype": str,
     "expandable": bool,
     "ac_frac": float,
+    "ac_policy": str,
     "attn": str,
     "experts": str,
     "ep": int,
@@ -98,7 +99,7 @@ def parse_run(text: str, defaults: dict) -> dict:
         if (
             spec["sp"] != 1
             or spec["ep"] != 1
-            or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac", "attn"))
+            or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac", "ac_policy", "attn"))
         ):
             raise SystemExit(f"{text!r}: sp, ep, compile, reshard, ce_chunk, ac_frac and attn are settings of (c)")
         spec.update(compile=False, ce_chunk=None)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = config_from_model_type(MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
     defaults = dict(model_type=MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1, ep=1, experts="",
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, ac_policy="full", attn="ulysses", ce_chunk=args.ce_chunk, sp=1, ep=1, experts="",
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

@@ -279,6 +279,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
         reduce_dtype="fp32",
         activation_checkpointing=spec["ac"],
         checkpoint_fraction=spec["ac_frac"],
+        checkpoint_policy=spec.get("ac_policy", "full"),
         reshard_after_forward=spec["reshard"],
         compile_blocks=spec["compile"],
     )

@@ -21,9 +21,9 @@ from e2e_helpers import fit_tiny
 MODELS = ("qwen3", "llama")
 GLOBAL_MICRO_BATCHES = 4
 # (name, world size, sp, dp_replicate); dp_shard is inferred
-LAYOUTS_2 = [("dp2", 2, 1, 1), ("sp2", 2, 2, 1), ("sp2_keep_gathered", 2, 2, 1)]
+LAYOUTS_2 = [("dp2", 2, 1, 1), ("sp2", 2, 2, 1), ("sp2_keep_gathered", 2, 2, 1), ("sp2_selective", 2, 2, 1)]
 # Strategy options per layout (default: ZeRO-3 resharding). CPU offload needs a GPU: tests/test_gpu.py covers it.
-OPTIONS = {"sp2_keep_gathered": {"reshard_after_forward": False}}
+OPTIONS = {"sp2_keep_gathered": {"reshard_after_forward": False}, "sp2_selective": {"checkpoint_policy": "selective"}}
 LAYOUTS_4 = [("dp2_sp2", 4, 2, 1), ("sp4", 4, 4, 1), ("hsdp2_sp2", 4, 2, 2)]
 
 
@@ -43,6 +43,8 @@ def _run_layouts(rank: int, world: int, assets: dict, layouts: list) -> dict:
             for ac in (False, True):
                 if name in ("hsdp2_sp2", "sp2_keep_gathered") and (family != "qwen3" or ac):
                     continue  # one case is enough to prove the replicate dim / the FSDP options
+                if name == "sp2_selective" and (family != "qwen3" or not ac):
+                    continue  # the selective checkpointing policy: with checkpointing on, once
                 accum = GLOBAL_MICRO_BATCHES // _dp(world, sp)
                 _, _, losses, norms = fit_tiny(
                     assets[family],
@@ -156,6 +158,13 @@ def test_world4_equals_single_process(world4, reference, layout, family, ac):
 def test_fsdp_options_equal_single_process(world2, reference):
     """reshard_after_forward=False changes memory and communication, not numbers."""
     key = "sp2_keep_gathered/qwen3/ac=False"
+    for rank_results in world2:
+        _assert_equal_runs(rank_results[key], reference["qwen3"], key)
+
+
+def test_selective_checkpointing_equals_single_process(world2, reference):
+    """checkpoint_policy=selective (keep matmul and attention outputs) under FSDP2 and SP changes no number."""
+    key = "sp2_selective/qwen3/ac=True"
     for rank_results in world2:
         _assert_equal_runs(rank_results[key], reference["qwen3"], key)
 

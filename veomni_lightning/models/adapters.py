@@ -16,7 +16,7 @@ adapter to random-init, stream pretrained weights into the shards, and export a 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def blocks_by_class_name(model: nn.Module, class_names: Iterable[str]) -> list[n
     return [b for b in blocks if id(b) not in inner]
 
 
-def _checkpointed_forward(block: nn.Module) -> None:
+def _checkpointed_forward(block: nn.Module, context_fn: Callable[[], Any] | None = None) -> None:
     """Make ``block`` recompute its forward in backward (non-reentrant), keeping its parameter names.
 
     An instance attribute replaces ``forward`` (a wrapper module would add a name prefix and break loading and
@@ -56,8 +56,10 @@ def _checkpointed_forward(block: nn.Module) -> None:
     """
     inner = block.forward
 
+    options = {"context_fn": context_fn} if context_fn is not None else {}
+
     def forward(*args: Any, **kwargs: Any) -> Any:
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **options, **kwargs)
 
     block.forward = forward
 
@@ -82,10 +84,13 @@ class ModelAdapter:
         """The repeated units that FSDP shards one by one, checkpointing recomputes and compile compiles."""
         return [model]
 
-    def enable_checkpointing(self, model: nn.Module, blocks: list[nn.Module]) -> None:
-        """Recompute each of ``blocks`` (a subset of :meth:`blocks`) in backward."""
+    def enable_checkpointing(
+        self, model: nn.Module, blocks: list[nn.Module], context_fn: Callable[[], Any] | None = None
+    ) -> None:
+        """Recompute each of ``blocks`` (a subset of :meth:`blocks`) in backward; ``context_fn``: torch checkpoint's
+        (e.g. a selective policy, ``parallel/checkpointing.py``)."""
         for block in blocks:
-            _checkpointed_forward(block)
+            _checkpointed_forward(block, context_fn)
 
     def experts(self, model: nn.Module) -> list[nn.Module]:
         """The mixture-of-experts experts modules of ``model`` (split over ``ep`` ranks under EP); none here."""
@@ -130,12 +135,15 @@ class TransformersAdapter(ModelAdapter):
             )
         return blocks
 
-    def enable_checkpointing(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+    def enable_checkpointing(
+        self, model: nn.Module, blocks: list[nn.Module], context_fn: Callable[[], Any] | None = None
+    ) -> None:
         # The model's own non-reentrant checkpointing forwards every keyword argument (the SP group, packed
         # sequence metadata) into the recomputed layer and keeps parameter names.
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        options = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn is not None else {})}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
         chosen = {id(b) for b in blocks}

@@ -38,6 +38,7 @@ from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import ModelAdapter, materialize_model
 from veomni_lightning.modules.metrics import ThroughputMeter, device_peak_tflops
 from veomni_lightning.parallel import ParallelConfig, ParallelMesh, all_reduce_sum, clip_grad_norm, parallelize_model
+from veomni_lightning.parallel.checkpointing import selective_checkpoint_context
 from veomni_lightning.parallel.reductions import split_groups
 
 __all__ = ["Backbone", "StepResult", "TrainingModule", "warmup_cosine"]
@@ -205,12 +206,15 @@ class TrainingModule(pl.LightningModule):
         root, backbones = self.build_model()
         per_backbone = [(b, self.blocks(b)) for b in backbones]
 
+        selective = self.parallel_config.checkpoint_policy == "selective"
+        context_fn = selective_checkpoint_context if selective else None
+
         def enable_checkpointing(chosen: list[nn.Module]) -> None:
             ids = {id(block) for block in chosen}
             for backbone, blocks in per_backbone:
                 mine = [block for block in blocks if id(block) in ids]
                 if mine:
-                    backbone.adapter.enable_checkpointing(backbone.module, mine)
+                    backbone.adapter.enable_checkpointing(backbone.module, mine, context_fn=context_fn)
 
         all_blocks = [block for _, blocks in per_backbone for block in blocks]
         experts = [m for b in backbones for m in b.adapter.experts(b.module)]

@@ -44,6 +44,9 @@ class ParallelConfig:
         reshard_after_forward: free a block's gathered weights after its forward (ZeRO-3) or keep them until
             backward (more memory, less communication).
         activation_checkpointing: recompute blocks in backward (non-reentrant).
+        checkpoint_policy: with checkpointing on, what a block recomputes: ``full`` (its whole forward) or
+            ``selective`` (keep matmul and attention outputs, recompute the elementwise ops; see
+            ``parallel/checkpointing.py``).
         checkpoint_fraction: with checkpointing on, the share of blocks that recompute (evenly spread); each block
             left out trades its activations' memory for one forward less.
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory (GPU training only).
@@ -58,6 +61,7 @@ class ParallelConfig:
     reduce_dtype: DTypeName = "fp32"
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False
+    checkpoint_policy: Literal["full", "selective"] = "full"
     checkpoint_fraction: float = 1.0
     cpu_offload: bool = False
     compile_blocks: bool = False
@@ -68,6 +72,8 @@ class ParallelConfig:
                 f"checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}; to turn checkpointing off set "
                 "activation_checkpointing=false."
             )
+        if self.checkpoint_policy not in ("full", "selective"):
+            raise ValueError(f"checkpoint_policy must be 'full' or 'selective', got {self.checkpoint_policy!r}")
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
