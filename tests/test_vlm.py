@@ -315,8 +315,9 @@ def _tower_split(rank: int, world: int, assets: dict, family: str) -> dict:
     adapter.vision_tower(hf).config._attn_implementation = ENCODER_ATTENTION
     root = VisionLanguageWithLoss(hf, adapter)
     micro_batch = dict(assets[family]["steps"][1][1])  # two pictures of different sizes
-    micro_batch.update(pixel_values_videos=assets[family]["steps"][0][1]["pixel_values_videos"],
-                       video_grid_thw=assets[family]["steps"][0][1]["video_grid_thw"])  # fmt: skip
+    video = assets[family]["steps"][0][1]
+    micro_batch.update(pixel_values_videos=video["pixel_values_videos"], video_grid_thw=video["video_grid_thw"],
+                       vision_grids=micro_batch["vision_grids"] + video["vision_grids"])  # fmt: skip
     weights = torch.randn(4096, generator=torch.Generator().manual_seed(1))
 
     def run(sp_size: int, group) -> tuple:

@@ -194,7 +194,8 @@ def build_multimodal_micro_batch(samples: list[Sample], micro_batch_tokens: int,
 
     ``position_ids`` becomes ``[3, 1, T]`` (each sample's own rope positions; the padding segment counts from 0 on
     all three axes); ``pixel_values`` / ``image_grid_thw`` (and the video pair) are the samples' concatenated in
-    sequence order, present only when some sample has that kind of media.
+    sequence order, present only when some sample has that kind of media; ``vision_grids`` lists the same grids
+    (images, then videos) as Python ints.
     """
     batch = build_micro_batch(samples, micro_batch_tokens, pad_id)
     rows = []
@@ -206,9 +207,14 @@ def build_multimodal_micro_batch(samples: list[Sample], micro_batch_tokens: int,
     if pad:
         rows.append(torch.arange(pad).expand(3, -1))
     batch["position_ids"] = torch.cat(rows, dim=1)[:, None, :].contiguous()
+    grids: list[list[int]] = []
     for pixels_key, grid_key in MEDIA_KEYS.values():
         parts = [s[2] for s in samples if len(s) > 2 and pixels_key in s[2]]
         if parts:
             batch[pixels_key] = torch.cat([p[pixels_key] for p in parts])
             batch[grid_key] = torch.cat([p[grid_key] for p in parts])
+            grids += batch[grid_key].tolist()
+    # The grids again as host numbers (images, then videos): moving the batch to the GPU leaves lists alone, so the
+    # vision tower's segment offsets and window order are computed without reading the device.
+    batch["vision_grids"] = grids
     return batch

@@ -54,6 +54,28 @@ class VisionLanguageAdapter:
         tower = self.vision_tower(hf_model)
         return [getattr(tower, self.projector), *getattr(tower, "deepstack_merger_list", [])]
 
+    def precomputed_vision_kwargs(
+        self, hf_model: nn.Module, grids: list[list[int]], device: torch.device
+    ) -> dict[str, Any]:
+        """The tower's per-batch index tensors computed on the host from ``grids`` (Python ints), so its forward
+        does not read the device: packed segment offsets and their longest length, and, for a windowed tower
+        (Qwen2.5-VL), the window order and offsets. transformers' vision encoders take them as keyword arguments
+        (``transformers.vision_utils``); empty when this transformers has no such support."""
+        try:
+            from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+        except ImportError:  # older transformers: the tower computes them itself
+            return {}
+        tower = self.vision_tower(hf_model)
+        grid = torch.tensor(grids, dtype=torch.long)
+        cu = get_vision_cu_seqlens(grid)
+        out: dict[str, Any] = {"cu_seqlens": cu, "max_seqlen": int((cu[1:] - cu[:-1]).max())}
+        if hasattr(tower, "window_size") and hasattr(tower, "fullatt_block_indexes"):
+            index, cu_window = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size,
+                                                       tower.patch_size)  # fmt: skip
+            out.update(window_index=index, cu_window_seqlens=cu_window,
+                       max_window_seqlen=int((cu_window[1:] - cu_window[:-1]).max()))  # fmt: skip
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
+
     def dummy_vision_input(self, hf_model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One tiny image from the config: ``merge × merge`` patches of one temporal patch (what ranks without media
         feed the tower). Its dtype is decided when it is fed: that of a live tower parameter at call time."""
@@ -100,13 +122,18 @@ class VisionLanguageWithLoss(nn.Module):
         merge = self.hf_model.config.vision_config.spatial_merge_size
         patches = sum(p.shape[0] for p in pixels)
         keep = patches // merge**2
+        host_grids = micro_batch.get("vision_grids") if real else [[1, merge, merge]]
         if sp_size > 1 and (pad := padding_image(patches, merge, sp_size, pixels[0].shape[-1], device)) is not None:
             pixels.append(pad[0])
             grids.append(pad[1])
+            host_grids = None if host_grids is None else [*host_grids, pad[2]]
+        precomputed = {}
+        if host_grids is not None:
+            precomputed = self.adapter.precomputed_vision_kwargs(self.hf_model, host_grids, device)
         tower = self.adapter.vision_tower(self.hf_model)
         # The live dtype, read now: under FSDP2 mixed precision the stored parameters are fp32 and the compute bf16.
         dtype = next(tower.parameters()).dtype
-        out = tower(torch.cat(pixels).to(dtype), grid_thw=torch.cat(grids), sp_group=sp_group)
+        out = tower(torch.cat(pixels).to(dtype), grid_thw=torch.cat(grids), sp_group=sp_group, **precomputed)
         deepstack = getattr(out, "deepstack_features", None)
         return out.pooler_output[:keep], [d[:keep] for d in deepstack] if deepstack else None, real
 
@@ -120,7 +147,7 @@ class VisionLanguageWithLoss(nn.Module):
         if real:
             visual = (ids == config.image_token_id) | (ids == config.video_token_id)
             # Images come first in ``features``, then videos; scatter each kind into its own placeholders in order.
-            n_image = int((ids == config.image_token_id).sum()) if micro_batch.get("pixel_values") is not None else 0
+            n_image = _image_features_count(micro_batch, ids, config)
             embeds = embeds.masked_scatter(
                 (ids == config.image_token_id)[..., None], features[:n_image].to(embeds.dtype)
             )
@@ -141,6 +168,18 @@ class VisionLanguageWithLoss(nn.Module):
         attention = packed_attention_kwargs(local["cu_seqlens"], local["max_seqlen"], sp_group)
         return self.lm(local["labels"], local["position_ids"], inputs_embeds=local["inputs_embeds"], **extra,
                        **attention)  # fmt: skip
+
+
+def _image_features_count(micro_batch: dict[str, Any], ids: torch.Tensor, config: Any) -> int:
+    """Merged image features in the micro-batch: from the host grids when the data pipeline gave them (no sync)."""
+    if micro_batch.get("pixel_values") is None:
+        return 0
+    grids = micro_batch.get("vision_grids")
+    if grids is None:
+        return int((ids == config.image_token_id).sum())
+    images = micro_batch["image_grid_thw"].shape[0]
+    merge = config.vision_config.spatial_merge_size
+    return sum(t * h * w for t, h, w in grids[:images]) // merge**2
 
 
 def _visual_order(ids: torch.Tensor, config: Any, n_image: int) -> torch.Tensor:

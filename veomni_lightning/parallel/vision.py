@@ -90,14 +90,17 @@ def split_vision_tower(
     return handles
 
 
-def padding_image(patches: int, merge: int, sp: int, patch_dim: int, device: torch.device) -> tuple[Any, Any] | None:
+def padding_image(
+    patches: int, merge: int, sp: int, patch_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
     """A zero image of whole merge units that makes ``patches`` divide into ``sp × merge²`` (None if it already does).
 
-    Returns its ``(pixels [n, patch_dim], grid [[1, merge, merge·k]])``; its features are dropped after the tower.
+    Returns its ``(pixels [n, patch_dim], grid [[1, merge, merge·k]], the grid as ints)``; its features are dropped
+    after the tower.
     """
     unit = merge * merge
     missing = (-(patches // unit)) % sp
     if missing == 0:
         return None
-    grid = torch.tensor([[1, merge, merge * missing]], device=device)
-    return torch.zeros(unit * missing, patch_dim, device=device), grid
+    thw = [1, merge, merge * missing]
+    return torch.zeros(unit * missing, patch_dim, device=device), torch.tensor([thw], device=device), thw
