@@ -72,7 +72,8 @@ class MultimodalEncoder:
             if message["role"] != "assistant":
                 continue
             start = self._length(messages[:i], loaded, loc, add_generation_prompt=True)
-            end = self._length(messages[: i + 1], loaded, loc)
+            # The whole conversation is already processed: its last turn needs no second pass.
+            end = len(ids) if i + 1 == len(messages) else self._length(messages[: i + 1], loaded, loc)
             mask[start:end] = True
         extras = {key: full[key] for pair in MEDIA_KEYS.values() for key in pair if full.get(key) is not None}
         extras["position_ids"] = self._positions(full)

@@ -19,6 +19,7 @@ from veomni_lightning.models.vision_language import VisionLanguageAdapter, Visio
 from veomni_lightning.modules.base import Backbone, TrainingModule
 from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
 from veomni_lightning.parallel.attention import ENCODER_ATTENTION
+from veomni_lightning.parallel.reductions import split_groups
 
 __all__ = ["VLMModule"]
 
@@ -111,13 +112,8 @@ class VLMModule(TrainingModule):
         if self.hparams.vision_lr is None:
             return groups
         vision = {id(p) for p in self.adapter.vision_tower(self.model.hf_model).parameters()}
-        out = []
-        for group in groups:
-            for is_vision in (False, True):
-                params = [p for p in group["params"] if (id(p) in vision) == is_vision]
-                if params:
-                    out.append({**group, "params": params, **({"lr": self.hparams.vision_lr} if is_vision else {})})
-        return out
+        split = split_groups(groups, key=lambda p: id(p) in vision)
+        return [{**g, "lr": self.hparams.vision_lr} if id(g["params"][0]) in vision else g for g in split]
 
     def loss_counts(self, micro_batch: dict[str, Any]) -> dict[str, float]:
         return {"loss": micro_batch["num_loss_tokens"]}
