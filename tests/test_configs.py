@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoModelForImageTextToText
 
-from veomni_lightning.models import config_from_model_type, is_model_type
+from veomni_lightning.models import config_from_model_type, is_model_type, load_config
 from veomni_lightning.models.loading import build_model_on_meta
 from veomni_lightning.modules.metrics import count_parameters
 
@@ -19,6 +20,9 @@ EXPECTED_PARAMS = {
     "qwen3_8b_sft": 8.19e9,
     "llama3_8b_sft": 8.03e9,
     "qwen3_30b_a3b_sft": 30.5e9,  # Qwen3-30B-A3B: 30.5B in all, 3.3B active
+    "qwen2_5_vl_7b_sft": 8.29e9,  # Qwen2.5-VL-7B-Instruct (language model + vision tower)
+    "qwen3_vl_2b_sft": 2.13e9,
+    "qwen3_vl_8b_sft": 8.77e9,
 }
 
 
@@ -37,6 +41,18 @@ def test_model_shape_builds(path: Path):
         assert args["model"].startswith("package:") or (folder / "config.json").is_file(), args["model"]
         return
     config = config_from_model_type(args["model"], args.get("config_overrides"))
-    model = build_model_on_meta(config, attn_implementation="ulysses")
+    auto_class = AutoModelForImageTextToText if hasattr(config, "vision_config") else None
+    model = build_model_on_meta(config, attn_implementation="ulysses", auto_class=auto_class)
     if path.stem in EXPECTED_PARAMS:
         assert count_parameters(model) == pytest.approx(EXPECTED_PARAMS[path.stem], rel=0.02)
+
+
+def test_nested_overrides_change_one_field():
+    """``{text_config: {num_hidden_layers: 1}}`` changes that field of a VLM config and keeps its other fields."""
+    folder = Path(__file__).parent.parent / "configs/vlm/tiny_qwen3_vl"
+    base = load_config(str(folder))
+    config = load_config(str(folder), {"text_config": {"num_hidden_layers": 1}})
+    assert config.text_config.num_hidden_layers == 1
+    assert config.text_config.hidden_size == base.text_config.hidden_size
+    assert config.text_config.rope_parameters == base.text_config.rope_parameters
+    assert config.vision_config.to_dict() == base.vision_config.to_dict()

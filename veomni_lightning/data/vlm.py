@@ -11,16 +11,25 @@ from veomni_lightning.errors import ConfigError
 from .datamodule import TextDataModule
 from .multimodal import MultimodalEncoder, build_multimodal_micro_batch
 from .packing import Sample
-from .sources import resolve_path
 
 __all__ = ["VLMDataModule", "load_processor", "rope_index_of"]
+
+
+def _processor_folder(folder: str) -> str:
+    """A local folder for ``folder`` (a path, ``package:`` path or hub id: config and processor files, no weights)."""
+    from veomni_lightning.models.source import resolve_model_source
+
+    try:
+        return resolve_model_source(folder, weights=False).folder
+    except FileNotFoundError as error:
+        raise ConfigError(f"processor {folder!r}: {error} Fix: a model folder or a hub id.") from None
 
 
 def load_processor(folder: str) -> Any:
     """The model folder's processor (tokenizer + image/video processors + chat template); no remote code."""
     from transformers import AutoProcessor
 
-    path = resolve_path(folder)
+    path = _processor_folder(folder)
     try:
         return AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as error:
@@ -34,7 +43,7 @@ def rope_index_of(folder: str) -> Any:
     """The model's own ``get_rope_index``, on a parameter-free (meta) instance built from the folder's config."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(resolve_path(folder))
+    config = AutoConfig.from_pretrained(_processor_folder(folder))
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     inner = getattr(model, "model", model)

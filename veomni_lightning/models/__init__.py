@@ -12,6 +12,7 @@ from .source import (
     config_from_model_type,
     is_model_type,
     load_config,
+    model_config_and_weights,
     resolve_model_source,
     resolve_package_path,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "load_config",
     "load_pretrained_weights",
     "materialize_model",
+    "model_config_and_weights",
     "resolve_model_source",
     "resolve_package_path",
     "write_hf_folder",

@@ -26,9 +26,10 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from veomni_lightning.errors import ConfigError
 from veomni_lightning.paths import PACKAGE_PREFIX, resolve_path
 
-__all__ = ["ModelSource", "resolve_model_source", "resolve_package_path", "load_config"]
+__all__ = ["ModelSource", "resolve_model_source", "resolve_package_path", "load_config", "model_config_and_weights"]
 
 # Bump when the conversion output changes, so stale cached folders are not reused.
 _GGUF_CONVERSION_VERSION = "1"
@@ -197,10 +198,10 @@ def _resolve_gguf(gguf_path: Path, original: str, cache_dir: str | None) -> Mode
     return ModelSource(folder=folder, has_weights=True, original=original, gguf_path=str(gguf_path))
 
 
-def _resolve_hub(model: str, cache_dir: str | None) -> ModelSource:
+def _resolve_hub(model: str, cache_dir: str | None, weights: bool = True) -> ModelSource:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+    patterns = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"] + (["*.safetensors"] if weights else [])
 
     def download() -> str:
         try:
@@ -218,11 +219,14 @@ def _resolve_hub(model: str, cache_dir: str | None) -> ModelSource:
     return ModelSource(folder=folder, has_weights=_has_safetensors(Path(folder)), original=model)
 
 
-def resolve_model_source(model: str, gguf_file: str | None = None, cache_dir: str | None = None) -> ModelSource:
+def resolve_model_source(
+    model: str, gguf_file: str | None = None, cache_dir: str | None = None, *, weights: bool = True
+) -> ModelSource:
     """Resolve a model string (local folder, ``package:`` path, ``.gguf`` file or hub id) to a :class:`ModelSource`.
 
     ``gguf_file`` names a GGUF file inside the folder ``model`` points to. GGUF checkpoints are converted once to a
     cached safetensors folder under ``cache_dir`` (default ``~/.cache/veomni_lightning/gguf``); later calls reuse it.
+    ``weights=False`` fetches a hub repository's config, tokenizer and processor files only.
     Collective-safe: every rank may call it; only global rank 0 writes.
     """
     original = model
@@ -239,7 +243,7 @@ def resolve_model_source(model: str, gguf_file: str | None = None, cache_dir: st
         return ModelSource(folder=str(path.resolve()), has_weights=_has_safetensors(path), original=original)
     if model.startswith(PACKAGE_PREFIX) or path.exists() or model.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{original!r} ({path}) is neither a model folder nor a .gguf file.")
-    return _resolve_hub(model, cache_dir)
+    return _resolve_hub(model, cache_dir, weights)
 
 
 def load_config(src: ModelSource | str, overrides: dict[str, Any] | None = None) -> Any:
@@ -265,6 +269,28 @@ def config_from_model_type(model_type: str, overrides: dict[str, Any] | None = N
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{model_type!r} is not a transformers model type (e.g. 'qwen3', 'llama', 'qwen2').")
     return _apply_overrides(AutoConfig.for_model(model_type), overrides)
+
+
+def model_config_and_weights(
+    model: str, *, pretrained: bool, overrides: dict[str, Any] | None = None, gguf_file: str | None = None
+) -> tuple[Any, str | None]:
+    """The config a module builds from ``model`` and the folder whose weights it streams in (None: random init).
+
+    ``model`` is a folder, ``package:`` path, ``.gguf`` file or hub id; with ``pretrained=False`` it may also be a
+    transformers model type (``"qwen3"``, ``"qwen3_vl"``) whose default config ``overrides`` reshape.
+    """
+    if not pretrained and is_model_type(model):
+        return config_from_model_type(model, overrides=overrides), None
+    source = resolve_model_source(model, gguf_file=gguf_file, weights=pretrained)
+    config = load_config(source, overrides=overrides)
+    if not pretrained:
+        return config, None
+    if not source.has_weights:
+        raise ConfigError(
+            f"{model!r} has a config but no safetensors weights. Fix: point model at a folder with weights, or set "
+            "pretrained: false to train from a random init."
+        )
+    return config, source.folder
 
 
 def is_model_type(name: str) -> bool:
@@ -299,7 +325,19 @@ def _apply_overrides(config: Any, overrides: dict[str, Any] | None) -> Any:
         # wrote, or the old value would win when the config is rebuilt.
         aliases = getattr(config, "attribute_map", {}) or {}
         overrides = {aliases.get(key, key): value for key, value in overrides.items()}
-        if "num_hidden_layers" in overrides and "layer_types" not in overrides:
-            data.pop("layer_types", None)  # re-derived by the constructor for the new depth
-        data.update(overrides)
+        _merge_overrides(data, overrides)
     return type(config).from_dict(data)
+
+
+def _merge_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Update ``data`` in place; a nested section (``text_config``, ``vision_config``) is updated key by key.
+
+    So ``{text_config: {num_hidden_layers: 4}}`` changes one field of a multimodal config and keeps the rest.
+    """
+    if "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        data.pop("layer_types", None)  # re-derived by the constructor for the new depth
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge_overrides(data[key], value)
+        else:
+            data[key] = value

@@ -18,10 +18,7 @@ from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import (
     TransformersAdapter,
     build_model_on_meta,
-    config_from_model_type,
-    is_model_type,
-    load_config,
-    resolve_model_source,
+    model_config_and_weights,
 )
 from veomni_lightning.models.adapters import find_experts
 from veomni_lightning.models.causal_lm import CausalLMWithLoss, check_supported_causal_lm
@@ -78,19 +75,9 @@ class CausalLMModule(TrainingModule):
 
     def build_model(self) -> tuple[nn.Module, list[Backbone]]:
         hp = self.hparams
-        weights = None
-        if not hp.pretrained and is_model_type(hp.model):
-            config = config_from_model_type(hp.model, overrides=hp.config_overrides)
-        else:
-            source = resolve_model_source(hp.model, gguf_file=hp.gguf_file)
-            config = load_config(source, overrides=hp.config_overrides)
-            if hp.pretrained:
-                if not source.has_weights:
-                    raise ValueError(
-                        f"{hp.model!r} has a config but no safetensors weights. Point model at a folder with weights, "
-                        "or set pretrained=false to train from a random init."
-                    )
-                weights = source.folder
+        config, weights = model_config_and_weights(
+            hp.model, pretrained=hp.pretrained, overrides=hp.config_overrides, gguf_file=hp.gguf_file
+        )
         check_supported_causal_lm(config)
         text = getattr(config, "text_config", config)
         heads = text.num_attention_heads

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from veomni_lightning.errors import ConfigError
-from veomni_lightning.models import TransformersAdapter, build_model_on_meta, load_config, resolve_model_source
+from veomni_lightning.models import TransformersAdapter, build_model_on_meta, model_config_and_weights
 from veomni_lightning.models.vision_language import VisionLanguageAdapter, VisionLanguageWithLoss
 from veomni_lightning.modules.base import Backbone, TrainingModule
 from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
@@ -62,20 +62,11 @@ class VLMModule(TrainingModule):
         from transformers import AutoModelForImageTextToText
 
         hp = self.hparams
-        source = resolve_model_source(hp.model)
-        config = load_config(source, overrides=hp.config_overrides)
+        config, weights = model_config_and_weights(hp.model, pretrained=hp.pretrained, overrides=hp.config_overrides)
         if not hasattr(config, "vision_config"):
             raise ConfigError(
                 f"{hp.model!r} is a {config.model_type} model, not a vision-language one: use CausalLMModule."
             )
-        weights = None
-        if hp.pretrained:
-            if not source.has_weights:
-                raise ConfigError(
-                    f"{hp.model!r} has a config but no safetensors weights. Fix: point model at a folder with weights, "
-                    "or set pretrained: false to train from a random init."
-                )
-            weights = source.folder
         text = config.text_config
         self.parallel_mesh.dims.validate_attention(text.num_attention_heads, text.num_key_value_heads)
         attention = {"text_config": hp.attn_implementation, "vision_config": "sdpa"}
