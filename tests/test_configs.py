@@ -23,11 +23,13 @@ EXPECTED_PARAMS = {
     "qwen2_5_vl_7b_sft": 8.29e9,  # Qwen2.5-VL-7B-Instruct (language model + vision tower)
     "qwen3_vl_2b_sft": 2.13e9,
     "qwen3_vl_8b_sft": 8.77e9,
+    "qwen2_5_omni_7b_sft": 8.93e9,  # the Qwen2.5-Omni-7B thinker (language model + vision and audio towers)
+    "qwen2_5_omni_3b_sft": 4.39e9,
 }
 
 
 def test_configs_exist():
-    assert {p.stem for p in CONFIGS} >= {"tiny_qwen3_cpu", "smollm2_135m_cpu", *EXPECTED_PARAMS}
+    assert {p.stem for p in CONFIGS} >= {"tiny_qwen3_cpu", "smollm2_135m_cpu", "qwen2_5_omni_tiny_cpu", *EXPECTED_PARAMS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

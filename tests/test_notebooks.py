@@ -148,8 +148,21 @@ def _check_train_tiny_vlm(nb, out: Path) -> None:
     assert (out / "hf" / "config.json").is_file() and (out / "rows.png").stat().st_size > 0
 
 
+def _check_train_tiny_omni(nb, out: Path) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    losses = summary["losses"]
+    assert len(losses) == summary["steps"] and all(math.isfinite(x) for x in losses), losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, f"the tiny omni model did not learn: {losses}"
+    assert summary["export_weight_difference"] == 0.0, summary
+    assert 10 < summary["speech_seconds"] < 12, summary  # codec2's speech_orig_16k.wav, decoded whole
+    pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 4, "expected the rows, the speech, the positions and the loss curve as inline pictures"
+    assert (out / "hf" / "config.json").is_file() and (out / "speech.png").stat().st_size > 0
+
+
 RESULT_CHECKS: dict[str, Callable] = {
     "train_tiny_vlm": _check_train_tiny_vlm,
+    "train_tiny_omni": _check_train_tiny_omni,
     "finetune_smollm2_news": _check_finetune_smollm2_news,
     "train_tiny_moe": _check_train_tiny_moe,
 }

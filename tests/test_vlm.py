@@ -20,6 +20,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from e2e_helpers import lee_text_path
+from multimodal_runs import assert_runs_equal, fit_plan
 from vlm_assets import media_files, save_tiny_vlm_folder
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -87,37 +88,12 @@ def vlm_assets(tmp_path_factory) -> dict:
     return out
 
 
-def _fit(rank: int, world: int, assets: dict, family: str, sp: int, ac: bool = False) -> dict:
-    import lightning.pytorch as pl
-    from e2e_helpers import MetricsRecorder
-    from torch.utils.data import DataLoader
-    from toy_family import _Steps
-
-    from veomni_lightning.modules import VLMModule
-    from veomni_lightning.parallel import ParallelConfig
-    from veomni_lightning.strategies import VeOmniStrategy
-
-    steps = assets[family]["steps"]
-
-    class Plan(pl.LightningDataModule):
-        def train_dataloader(self) -> DataLoader:
-            kwargs = self.trainer.strategy.distributed_sampler_kwargs or {}
-            dp, r = kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
-            share = GLOBAL_MICRO_BATCHES // dp
-            return DataLoader(_Steps([step[r * share : (r + 1) * share] for step in steps]), batch_size=None)
-
-    recorder = MetricsRecorder()
-    strategy = VeOmniStrategy(parallel=ParallelConfig(sp_size=sp, param_dtype="fp32", activation_checkpointing=ac))
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=len(steps), logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[recorder], log_every_n_steps=1, num_sanity_val_steps=0)  # fmt: skip
-    module = VLMModule(assets[family]["model"], pretrained=False, learning_rate=1e-3, warmup_steps=1)
-    trainer.fit(module, datamodule=Plan())
-    return {"losses": recorder.losses, "grad_norms": recorder.grad_norms}
-
-
 def _runs(rank: int, world: int, assets: dict, layouts: list) -> dict:
-    return {f"{family}/{name}": _fit(rank, world, assets, family, sp, ac) for family, name, sp, ac in layouts}
+    return {
+        f"{family}/{name}": fit_plan(rank, world, assets[family]["steps"], GLOBAL_MICRO_BATCHES, "VLMModule",
+                                     assets[family]["model"], sp, ac)  # fmt: skip
+        for family, name, sp, ac in layouts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +103,7 @@ def single(vlm_assets) -> dict:
 
 
 def _assert_equal(got: dict, ref: dict, label: str) -> None:
-    assert len(got["losses"]) == len(ref["losses"]) == len(PLAN), label
-    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=0, msg=label)
-    torch.testing.assert_close(
-        torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0, msg=label
-    )
+    assert_runs_equal(got, ref, len(PLAN), label)
 
 
 @pytest.mark.timeout(600)

@@ -40,18 +40,19 @@ def media_files() -> dict[str, Path]:
     }
 
 
-def train_tokenizer(text_file: Path, vocab_size: int = 600) -> Any:
+def train_tokenizer(text_file: Path, vocab_size: int = 600, special: list[str] = SPECIAL,
+                    chat_template: str = CHAT_TEMPLATE, **extra: Any) -> Any:  # fmt: skip
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train([str(text_file)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", **extra)
+    fast.chat_template = chat_template
     return fast
 
 
@@ -120,3 +121,81 @@ def save_tiny_vlm_folder(folder: Path, family: str, text_file: Path) -> Path:
 def write_vlm_rows(path: Path, media: dict[str, Path], rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# ------------------------------------------------------------------------------------------ omni (Qwen2.5-Omni thinker)
+OMNI_TOKENS = {"image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>", "audio_token": "<|AUDIO|>",
+               "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}  # fmt: skip
+OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif c['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif c['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MEL_BINS = 16  # the real model's feature extractor has 128; a tiny one keeps CPU tests fast
+
+
+def speech_file() -> Path:
+    """Real recorded speech (16 kHz mono WAV) from Debian's ``codec2-examples`` package."""
+    path = Path("/usr/share/codec2/raw/speech_orig_16k.wav")
+    if not path.is_file():
+        raise RuntimeError("apt-get install codec2-examples: the omni tests train on its real speech recording")
+    return path
+
+
+def write_speech_clip(path: Path, start_s: float, seconds: float) -> Path:
+    """An excerpt of :func:`speech_file` as its own WAV file (the whole recording is 11 s: too long for tiny tests)."""
+    import wave
+
+    with wave.open(str(speech_file())) as src:
+        rate = src.getframerate()
+        src.setpos(int(start_s * rate))
+        frames = src.readframes(int(seconds * rate))
+        params = src.getparams()
+    with wave.open(str(path), "wb") as dst:
+        dst.setparams(params)
+        dst.writeframes(frames)
+    return path
+
+
+def save_tiny_omni_folder(folder: Path, text_file: Path) -> Path:
+    """A Qwen2.5-Omni thinker folder: tiny config.json + a real ``Qwen2_5OmniProcessor`` (Qwen2-VL image/video
+    processors, a Whisper feature extractor, a BPE tokenizer with the omni special tokens); no weights."""
+    from transformers import (
+        AutoConfig,
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tok = train_tokenizer(text_file, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *OMNI_TOKENS.values()],
+                          chat_template=OMNI_CHAT_TEMPLATE, extra_special_tokens=OMNI_TOKENS)  # fmt: skip
+    unit = 28
+    image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, min_pixels=unit * unit * 4, max_pixels=unit * unit * 16)
+    video = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, min_pixels=unit * unit * 4, max_pixels=unit * unit * 8,
+                                  fps=2.0, cap_pixels_per_frame=True)  # fmt: skip
+    audio = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=16000)
+    processor = Qwen2_5OmniProcessor(image_processor=image, video_processor=video, feature_extractor=audio,
+                                     tokenizer=tok, chat_template=OMNI_CHAT_TEMPLATE)  # fmt: skip
+    processor.save_pretrained(folder)
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
+        ("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|IMAGE|>"), ("video_token_index", "<|VIDEO|>"),
+        ("vision_start_token_id", "<|vision_bos|>"), ("vision_end_token_id", "<|vision_eos|>"),
+        ("audio_start_token_id", "<|audio_bos|>"), ("audio_end_token_id", "<|audio_eos|>")]}  # fmt: skip
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
+    audio_config = dict(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                        d_model=32, output_dim=64, n_window=10, max_source_positions=1500)  # fmt: skip
+    config = AutoConfig.for_model("qwen2_5_omni_thinker", text_config=text, vision_config=vision,
+                                  audio_config=audio_config, **ids)  # fmt: skip
+    config.save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ from .datamodule import STAT_KEYS, PackedStepDataset, TextDataModule
 from .packing import IGNORE_INDEX, GreedyPacker, build_micro_batch
 from .sources import DataError, RowLocation, expand_files, iter_file_rows, resolve_path, shuffle_buffer
 from .tokenize import SampleEncoder, load_tokenizer, pad_token_id
-from .vlm import VLMDataModule
+from .vlm import OmniDataModule, VLMDataModule
 
 __all__ = [
     "DataError",
@@ -29,6 +29,7 @@ __all__ = [
     "STAT_KEYS",
     "SampleEncoder",
     "TextDataModule",
+    "OmniDataModule",
     "VLMDataModule",
     "build_micro_batch",
     "expand_files",

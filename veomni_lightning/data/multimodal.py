@@ -6,8 +6,10 @@ A row is a conversation in transformers' multimodal chat convention::
                                                {"type": "text", "text": "What is this?"}]},
                   {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}
 
-``{"type": "video", "video": "clips/a.mp4"}`` for a video (decoded with PyAV at the processor's frame rate); relative
-paths resolve against the data file's folder. The model's processor renders the chat template, resizes the media and
+``{"type": "video", "video": "clips/a.mp4"}`` for a video (decoded with PyAV at the processor's frame rate),
+``{"type": "audio", "audio": "speech/a.wav"}`` for audio (omni models: decoded with PyAV, mono, resampled to the feature
+extractor's rate; with ``use_audio_in_video`` a video's own sound track is used too); relative paths resolve against
+the data file's folder. The model's processor renders the chat template, resizes the media and
 expands each placeholder into the image's tokens. The loss covers the assistant turns only. The 3-D (temporal,
 height, width) rotary positions are computed per sample here, with the model's own ``get_rope_index`` on the
 sample's full sequence, so they restart at every packed sample and no forward pass computes them.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,8 +29,14 @@ from .sources import DataError, RowLocation, resolve_path
 
 __all__ = ["MultimodalEncoder", "build_multimodal_micro_batch", "MEDIA_KEYS"]
 
-#: Per-sample media tensors concatenated along dim 0 when samples are packed: (pixels, grid) per kind.
-MEDIA_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+#: Per-sample media tensors concatenated along dim 0 when samples are packed: (inputs, sizes) per kind. Audio
+#: features are stored ``[mel frames, mel bins]`` (their valid frames only), so they concatenate like pixels.
+MEDIA_KEYS = {
+    "image": ("pixel_values", "image_grid_thw"),
+    "video": ("pixel_values_videos", "video_grid_thw"),
+    "audio": ("input_features", "audio_feature_lengths"),
+}
+VISION_KINDS = ("image", "video")
 ROLES = ("system", "user", "assistant")
 
 
@@ -39,6 +47,10 @@ class MultimodalEncoder:
         processor: the model's processor (tokenizer + image/video processors + chat template).
         rope_index: the model's ``get_rope_index`` (``input_ids [1, L]`` and the media grids -> ``([3, 1, L], _)``).
         video_fps: frames per second decoded from a video (default: the video processor's ``fps``, else 2).
+        use_audio_in_video: also feed each video's sound track to the audio tower, interleaved with its frames in
+            time (omni processors).
+        videos_kwargs: the processor's video options for every row (e.g. ``{"size": {"shortest_edge": 3136,
+            "longest_edge": 6272}}`` to bound the pixels per frame); they override its defaults.
         messages_key: the key holding the conversation.
     """
 
@@ -48,6 +60,8 @@ class MultimodalEncoder:
         rope_index: Callable[..., tuple[torch.Tensor, Any]],
         *,
         video_fps: float | None = None,
+        use_audio_in_video: bool = False,
+        videos_kwargs: dict[str, Any] | None = None,
         messages_key: str = "messages",
     ) -> None:
         self.processor = processor
@@ -59,6 +73,12 @@ class MultimodalEncoder:
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.video_token_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "video_token", ""))
         self.merge = processor.image_processor.merge_size
+        self.feature_extractor = getattr(processor, "feature_extractor", None)
+        self.audio_token = getattr(processor, "audio_token", None)
+        if use_audio_in_video and self.feature_extractor is None:
+            raise DataError("use_audio_in_video needs a processor with an audio feature extractor (an omni model's).")
+        self.use_audio_in_video = use_audio_in_video
+        self.videos_kwargs = dict(videos_kwargs or {})
 
     # ------------------------------------------------------------------------------------------ the row
     def encode(self, row: Any, loc: RowLocation) -> Sample:
@@ -75,7 +95,12 @@ class MultimodalEncoder:
             # The whole conversation is already processed: its last turn needs no second pass.
             end = len(ids) if i + 1 == len(messages) else self._length(messages[: i + 1], loaded, loc)
             mask[start:end] = True
-        extras = {key: full[key] for pair in MEDIA_KEYS.values() for key in pair if full.get(key) is not None}
+        extras = {key: full[key] for kind in VISION_KINDS for key in MEDIA_KEYS[kind] if full.get(key) is not None}
+        if full.get("input_features") is not None:
+            lengths = full["feature_attention_mask"].sum(-1)
+            valid = full["feature_attention_mask"].bool()
+            extras["input_features"] = full["input_features"].transpose(1, 2)[valid]  # [frames, mel bins]
+            extras["audio_feature_lengths"] = lengths
         extras["position_ids"] = self._positions(full)
         return ids.tolist(), mask.tolist(), extras
 
@@ -99,14 +124,18 @@ class MultimodalEncoder:
             for item in content:
                 kind = item.get("type") if isinstance(item, dict) else None
                 if kind == "text" and isinstance(item.get("text"), str):
+                    if self.audio_token and self.audio_token in item["text"]:
+                        raise DataError(f"{loc}: message {i} text holds the audio placeholder {self.audio_token!r}. Fix: "
+                                        "do not write it; each audio item places its own.")  # fmt: skip
                     items.append({"type": "text", "text": item["text"]})
-                elif kind in ("image", "video") and isinstance(item.get(kind), str):
+                elif kind in MEDIA_KEYS and isinstance(item.get(kind), str):
                     media.append((kind, _resolve(loc, item[kind])))
                     items.append({"type": kind})
                 else:
                     raise DataError(
                         f"{loc}: message {i} has an item {item!r}. Fix: items are {{'type': 'text', 'text': ...}}, "
-                        "{'type': 'image', 'image': 'path'} or {'type': 'video', 'video': 'path'}."
+                        "{'type': 'image', 'image': 'path'}, {'type': 'video', 'video': 'path'} or "
+                        "{'type': 'audio', 'audio': 'path'}."
                     )
             messages.append({"role": role, "content": items})
         if not any(m["role"] == "assistant" for m in messages):
@@ -116,9 +145,14 @@ class MultimodalEncoder:
                 f"{loc}: the row has a video ({next(p for k, p in media if k == 'video')}) but the processor has no "
                 "video processor. Fix: drop video rows, or use a model whose processor handles video."
             )
+        if any(kind == "audio" for kind, _ in media) and self.feature_extractor is None:
+            raise DataError(
+                f"{loc}: the row has audio ({next(p for k, p in media if k == 'audio')}) but the processor has no audio "
+                "feature extractor. Fix: drop audio rows, or use an omni model (e.g. a Qwen2.5-Omni thinker)."
+            )
         return messages, media
 
-    def _load(self, kind: str, path: str, loc: RowLocation) -> tuple[str, Any, Any]:
+    def _load(self, kind: str, path: str, loc: RowLocation) -> Media:
         if not os.path.isfile(path):
             raise DataError(f"{loc}: {kind} file {path} does not exist. Fix: correct the path (relative paths resolve "
                             "against the data file's folder).")  # fmt: skip
@@ -127,7 +161,9 @@ class MultimodalEncoder:
                 from PIL import Image
 
                 with Image.open(path) as image:
-                    return kind, image.convert("RGB"), None
+                    return Media(kind, image.convert("RGB"))
+            if kind == "audio":
+                return Media(kind, self._load_audio(path))
             from transformers.video_utils import load_video
 
             frames, metadata = load_video(path, backend="pyav", fps=self.video_fps)
@@ -138,15 +174,51 @@ class MultimodalEncoder:
             metadata.frames_indices = list(range(len(frames)))
             metadata.fps = len(frames) / metadata.duration if metadata.duration else self.video_fps
             metadata.total_num_frames = len(frames)
-            return kind, frames, metadata
+            return Media(kind, frames, metadata, self._load_audio(path) if self.use_audio_in_video else None)
         except Exception as error:  # PIL / PyAV errors have many types; any of them means this file is unreadable
             raise DataError(f"{loc}: cannot read {kind} {path}: {error}. Fix: replace or remove the file.") from None
 
-    def _process(self, messages: list[dict], loaded: list[tuple[str, Any, Any]], loc: RowLocation, **kw: Any) -> Any:
+    def _load_audio(self, path: str) -> Any:
+        """Mono float32 samples at the feature extractor's rate (PyAV decodes and resamples any audio format)."""
+        import av
+        import numpy as np
+
+        rate = self.feature_extractor.sampling_rate
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ValueError("no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            chunks = [f.to_ndarray() for frame in container.decode(container.streams.audio[0])
+                      for f in resampler.resample(frame)]  # fmt: skip
+            chunks += [f.to_ndarray() for f in resampler.resample(None)]
+        samples = np.concatenate(chunks, axis=1)[0] if chunks else np.zeros(0, np.float32)
+        limit = getattr(self.feature_extractor, "n_samples", None)
+        if samples.size == 0:
+            raise ValueError("no audio samples decoded")
+        if limit and samples.size > limit:
+            raise ValueError(f"{samples.size / rate:.1f} s is longer than the feature extractor's {limit / rate:.0f} s "
+                             "window; cut it into shorter clips")  # fmt: skip
+        return samples
+
+    def _process(self, messages: list[dict], loaded: list[Media], loc: RowLocation, **kw: Any) -> Any:
         text = self.processor.apply_chat_template(messages, tokenize=False, **kw)
-        images = [data for kind, data, _ in loaded if kind == "image"]
-        videos = [data for kind, data, _ in loaded if kind == "video"]
-        extra = {"video_metadata": [meta for kind, _, meta in loaded if kind == "video"]} if videos else {}
+        images = [m.data for m in loaded if m.kind == "image"]
+        videos = [m.data for m in loaded if m.kind == "video"]
+        extra: dict[str, Any] = {}
+        if videos:
+            extra["video_metadata"] = [m.metadata for m in loaded if m.kind == "video"]
+            if self.videos_kwargs:
+                extra["videos_kwargs"] = self.videos_kwargs
+        if self.use_audio_in_video and videos:
+            # One audio per slot in row order (standalone audio: None, a video's sound: its index), already decoded.
+            slots, video_index = [], iter(range(len(videos)))
+            for m in loaded:
+                if m.kind in ("audio", "video"):
+                    slots.append(None if m.kind == "audio" else next(video_index))
+            sound = [m.data if m.kind == "audio" else m.sound for m in loaded if m.kind in ("audio", "video")]
+            extra.update(audio=sound, load_audio_from_video=True, audio_from_video_indices=slots)
+        elif audio := [m.data for m in loaded if m.kind == "audio"]:
+            extra["audio"] = audio
         try:
             return self.processor(text=[text], images=images or None, videos=videos or None, return_tensors="pt",
                                   **extra)  # fmt: skip
@@ -172,15 +244,33 @@ class MultimodalEncoder:
                 )
 
     def _positions(self, full: Any) -> torch.Tensor:
+        audio_mask = full.get("feature_attention_mask")
         kwargs = {
             "input_ids": full["input_ids"],
+            "attention_mask": full.get("attention_mask"),
             "mm_token_type_ids": full.get("mm_token_type_ids"),
             "image_grid_thw": full.get("image_grid_thw"),
             "video_grid_thw": full.get("video_grid_thw"),
             "second_per_grid_ts": full.get("second_per_grid_ts"),
+            "second_per_grids": _as_tensor(full.get("video_second_per_grid")),
+            "audio_seqlens": None if audio_mask is None else audio_mask.sum(-1),
+            "use_audio_in_video": self.use_audio_in_video,
         }
         positions, _ = self.rope_index(**{k: v for k, v in kwargs.items() if k in self.rope_params})
         return positions[:, 0].long()  # [3, L]
+
+
+class Media(NamedTuple):
+    """One decoded media item of a row: a picture, video frames (+ their metadata and sound) or audio samples."""
+
+    kind: str
+    data: Any
+    metadata: Any = None
+    sound: Any = None
+
+
+def _as_tensor(values: Any) -> torch.Tensor | None:
+    return None if values is None else torch.as_tensor(values)
 
 
 def _resolve(loc: RowLocation, path: str) -> str:
@@ -195,8 +285,9 @@ def build_multimodal_micro_batch(samples: list[Sample], micro_batch_tokens: int,
 
     ``position_ids`` becomes ``[3, 1, T]`` (each sample's own rope positions; the padding segment counts from 0 on
     all three axes); ``pixel_values`` / ``image_grid_thw`` (and the video pair) are the samples' concatenated in
-    sequence order, present only when some sample has that kind of media; ``vision_grids`` lists the same grids
-    (images, then videos) as Python ints.
+    sequence order, present only when some sample has that kind of media (audio: ``input_features [frames, mel]``
+    and ``audio_feature_lengths``); ``vision_grids`` lists the same grids (images, then videos) and ``audio_lengths``
+    the audios' mel frames as Python ints.
     """
     batch = build_micro_batch(samples, micro_batch_tokens, pad_id)
     rows = []
@@ -209,13 +300,16 @@ def build_multimodal_micro_batch(samples: list[Sample], micro_batch_tokens: int,
         rows.append(torch.arange(pad).expand(3, -1))
     batch["position_ids"] = torch.cat(rows, dim=1)[:, None, :].contiguous()
     grids: list[list[int]] = []
-    for pixels_key, grid_key in MEDIA_KEYS.values():
-        parts = [s[2] for s in samples if len(s) > 2 and pixels_key in s[2]]
+    for kind, (inputs_key, sizes_key) in MEDIA_KEYS.items():
+        parts = [s[2] for s in samples if len(s) > 2 and inputs_key in s[2]]
         if parts:
-            batch[pixels_key] = torch.cat([p[pixels_key] for p in parts])
-            batch[grid_key] = torch.cat([p[grid_key] for p in parts])
-            grids += batch[grid_key].tolist()
-    # The grids again as host numbers (images, then videos): moving the batch to the GPU leaves lists alone, so the
-    # vision tower's segment offsets and window order are computed without reading the device.
+            batch[inputs_key] = torch.cat([p[inputs_key] for p in parts])
+            batch[sizes_key] = torch.cat([p[sizes_key] for p in parts])
+            if kind in VISION_KINDS:
+                grids += batch[sizes_key].tolist()
+            else:
+                batch["audio_lengths"] = batch[sizes_key].tolist()
+    # The sizes again as host numbers (vision grids: images, then videos; audio: mel frames per audio): moving the
+    # batch to the GPU leaves lists alone, so the towers' segment offsets are computed without reading the device.
     batch["vision_grids"] = grids
     return batch

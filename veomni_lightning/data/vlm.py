@@ -12,7 +12,7 @@ from .datamodule import TextDataModule
 from .multimodal import MultimodalEncoder, build_multimodal_micro_batch
 from .packing import Sample
 
-__all__ = ["VLMDataModule", "load_processor", "rope_index_of"]
+__all__ = ["OmniDataModule", "VLMDataModule", "load_processor", "rope_index_of"]
 
 
 def _processor_folder(folder: str) -> str:
@@ -44,6 +44,7 @@ def rope_index_of(folder: str) -> Any:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(_processor_folder(folder))
+    config = getattr(config, "thinker_config", config)  # a full omni folder: the thinker computes the positions
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     inner = getattr(model, "model", model)
@@ -68,6 +69,10 @@ class VLMDataModule(TextDataModule):
         micro_batch_tokens: tokens per packed micro-batch.
         grad_accum_steps: micro-batches per optimizer step on each data-parallel rank.
         video_fps: frames per second decoded from videos (default: the video processor's ``fps``).
+        use_audio_in_video: omni models: feed each video's sound track to the audio tower too, interleaved with
+            its frames in time (the model's own position ids for that layout).
+        videos_kwargs: the processor's video options (e.g. ``{size: {shortest_edge: 3136, longest_edge: 6272}}``:
+            the pixels per frame); they override the processor's defaults.
         on_bad_row: ``error`` (names file, line and media path) or ``skip`` (counted in ``stats``).
         shuffle: shuffle rows through a buffer.
         shuffle_buffer: rows held by the shuffle buffer.
@@ -84,6 +89,8 @@ class VLMDataModule(TextDataModule):
         micro_batch_tokens: int = 4096,
         grad_accum_steps: int = 1,
         video_fps: float | None = None,
+        use_audio_in_video: bool = False,
+        videos_kwargs: dict[str, Any] | None = None,
         on_bad_row: Literal["error", "skip"] = "error",
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
@@ -108,12 +115,24 @@ class VLMDataModule(TextDataModule):
         )
         self.processor_path = processor
         self.video_fps = video_fps
+        self.use_audio_in_video = use_audio_in_video
+        self.videos_kwargs = videos_kwargs
         self.processor: Any = None
 
     def make_encoder(self) -> MultimodalEncoder:
         self.processor = load_processor(self.processor_path)
         self.tokenizer = self.processor.tokenizer
-        return MultimodalEncoder(self.processor, rope_index_of(self.processor_path), video_fps=self.video_fps)
+        return MultimodalEncoder(self.processor, rope_index_of(self.processor_path), video_fps=self.video_fps,
+                                 use_audio_in_video=self.use_audio_in_video, videos_kwargs=self.videos_kwargs)  # fmt: skip
 
     def build_micro_batch(self, samples: list[Sample], micro_batch_tokens: int, pad_id: int) -> dict:
         return build_multimodal_micro_batch(samples, micro_batch_tokens, pad_id)
+
+
+class OmniDataModule(VLMDataModule):
+    """:class:`VLMDataModule` for omni models (a Qwen2.5-Omni thinker): rows may also hold audio items.
+
+    ``{"type": "audio", "audio": "speech/a.wav"}`` (any format PyAV reads; mono, resampled to the feature extractor's
+    rate, at most its window, 30 s for Whisper-style extractors); ``use_audio_in_video`` adds videos' sound tracks.
+    The arguments are :class:`VLMDataModule`'s.
+    """

@@ -40,12 +40,13 @@ __all__ = [
 
 
 def blocks_by_class_name(model: nn.Module, class_names: Iterable[str]) -> list[nn.Module]:
-    """The outermost sub-modules of ``model`` whose class name is in ``class_names``, in module order."""
+    """The innermost sub-modules of ``model`` whose class name is in ``class_names``, in module order."""
     names = set(class_names)
     blocks = [m for m in model.modules() if type(m).__name__ in names]
-    # A block class may nest another listed class (rare); keep only the outermost.
-    inner = {id(c) for b in blocks for c in b.modules() if c is not b}
-    return [b for b in blocks if id(b) not in inner]
+    # A listed class may hold other listed classes: Qwen2.5-Omni's thinker lists its whole audio and vision encoders
+    # beside their layers. The repeated units are the layers, so a module holding listed modules is not a block.
+    outer = {id(b) for b in blocks if any(type(c).__name__ in names for c in b.modules() if c is not b)}
+    return [b for b in blocks if id(b) not in outer]
 
 
 def _checkpointed_forward(block: nn.Module, context_fn: Callable[[], Any] | None = None) -> None:

@@ -9,6 +9,7 @@ the language model + chunked cross-entropy run on the slice.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from veomni_lightning.models.causal_lm import CausalLMWithLoss
 from veomni_lightning.parallel.attention import packed_attention_kwargs
+from veomni_lightning.parallel.audio import padding_audio, split_audio_tower
 from veomni_lightning.parallel.sequence import shard_packed_batch
 from veomni_lightning.parallel.vision import padding_image, split_vision_tower
 
@@ -35,6 +37,7 @@ class VisionLanguageAdapter:
     tower: str = "visual"
     projector: str = "merger"
     decoder: str = "language_model"
+    audio: str = "audio_tower"
 
     def inner(self, hf_model: nn.Module) -> nn.Module:
         """The model under the LM head (tower, decoder, ``get_rope_index``)."""
@@ -44,10 +47,23 @@ class VisionLanguageAdapter:
         """The vision encoder (patch embedding, blocks, merger)."""
         return getattr(self.inner(hf_model), self.tower)
 
+    def audio_tower(self, hf_model: nn.Module) -> nn.Module | None:
+        """The audio encoder of an omni model (None for a vision-language model)."""
+        return getattr(self.inner(hf_model), self.audio, None)
+
+    def encoders(self, hf_model: nn.Module) -> list[nn.Module]:
+        """The media encoders: the vision tower, and the audio tower when there is one."""
+        audio = self.audio_tower(hf_model)
+        return [self.vision_tower(hf_model), *([] if audio is None else [audio])]
+
     def split_for_sequence_parallel(self, hf_model: nn.Module, group: Any) -> list[Any]:
-        """Run the tower's blocks on each SP rank's slice of the patches (see ``parallel/vision.py``)."""
+        """Run the towers' blocks on each SP rank's slice of the patches / audio frames (``parallel/vision.py``,
+        ``parallel/audio.py``)."""
         tower = self.vision_tower(hf_model)
-        return split_vision_tower(list(tower.blocks), self.projector_modules(hf_model), group)
+        handles = split_vision_tower(list(tower.blocks), self.projector_modules(hf_model), group)
+        if (audio := self.audio_tower(hf_model)) is not None:
+            handles += split_audio_tower(list(audio.layers), group)
+        return handles
 
     def projector_modules(self, hf_model: nn.Module) -> list[nn.Module]:
         """The modules mapping vision features to the LM width: the merger, and Qwen3-VL's deepstack mergers."""
@@ -58,10 +74,12 @@ class VisionLanguageAdapter:
         self, hf_model: nn.Module, grids: list[list[int]], device: torch.device
     ) -> dict[str, Any]:
         """The tower's per-batch index tensors computed on the host from ``grids`` (Python ints), so its forward
-        does not read the device: packed segment offsets and their longest length, and, for a windowed tower
-        (Qwen2.5-VL), the window order and offsets. transformers' vision encoders take them as keyword arguments
-        (``transformers.vision_utils``); empty when this transformers has no such support."""
+        does not read the device: packed segment offsets and their longest length, the rotary position ids, for a
+        tower with a learned position table resampled per image (Qwen3-VL) the resampling indices and weights, and,
+        for a windowed tower (Qwen2.5-VL), the window order and offsets. transformers' vision encoders take them as
+        keyword arguments (``transformers.vision_utils``); empty when this transformers has no such support."""
         try:
+            from transformers import vision_utils
             from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
         except ImportError:  # older transformers: the tower computes them itself
             return {}
@@ -69,6 +87,17 @@ class VisionLanguageAdapter:
         grid = torch.tensor(grids, dtype=torch.long)
         cu = get_vision_cu_seqlens(grid)
         out: dict[str, Any] = {"cu_seqlens": cu, "max_seqlen": int((cu[1:] - cu[:-1]).max())}
+        # Computed on the device these read it back (`grid.tolist()`, `repeat_interleave`, `arange(sum)`): one host
+        # sync each, with a per-image loop of small kernels behind the first.
+        if hasattr(vision_utils, "get_vision_position_ids"):
+            out["position_ids"] = vision_utils.get_vision_position_ids(grid, tower.spatial_merge_size)
+        if hasattr(vision_utils, "get_vision_interpolation_indices_and_weights") and hasattr(
+            tower, "num_grid_per_side"
+        ):
+            out["interp_indices"], out["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
+                grid, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+                align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.spatial_merge_size,
+            )  # fmt: skip
         if hasattr(tower, "window_size") and hasattr(tower, "fullatt_block_indexes"):
             index, cu_window = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size,
                                                        tower.patch_size)  # fmt: skip
@@ -84,6 +113,38 @@ class VisionLanguageAdapter:
         dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         grid = torch.tensor([[1, merge, merge]], device=device)
         return torch.zeros(merge * merge, dim, device=device), grid
+
+    def dummy_audio_input(self, hf_model: nn.Module, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """A tiny silent audio (4 mel frames: 2 encoder frames, 1 feature) for ranks without audio; ``[frames, mel]``
+        like the data pipeline's features, dtype decided when fed."""
+        mel = hf_model.config.audio_config.num_mel_bins
+        return torch.zeros(4, mel, device=device), [4]
+
+    def precomputed_audio_kwargs(
+        self, hf_model: nn.Module, features: torch.Tensor, lengths: list[int], device: torch.device
+    ) -> dict[str, Any]:
+        """The audio tower's chunking and index tensors from the host ``lengths`` (mel frames per audio), so its
+        forward does not read the device: padded chunks, chunk lengths, segment offsets and their longest length,
+        valid-frame and pooling indices. Uses the functions the tower's own module defines for it (transformers'
+        precomputed-kwargs convention); empty when that module has none (the tower then computes them itself)."""
+        tower = self.audio_tower(hf_model)
+        functions = sys.modules[type(tower).__module__]
+        names = ("chunk_and_pad_features", "get_audio_cu_seqlens", "get_valid_indices", "get_pool_indices")
+        if not all(hasattr(functions, name) for name in names):
+            return {}
+        host_lengths = torch.tensor(lengths, dtype=torch.long)
+        # Chunk boundaries are host numbers; only the split of the (device) features happens on the device.
+        padded, chunk_lengths = functions.chunk_and_pad_features(features.T, host_lengths, tower.n_window)
+        cu = functions.get_audio_cu_seqlens(chunk_lengths)
+        out = {
+            "padded_feature": padded,
+            "chunk_lengths": chunk_lengths,
+            "cu_seqlens": cu,
+            "max_seqlen": int((cu[1:] - cu[:-1]).max()),
+            "valid_indices": functions.get_valid_indices(chunk_lengths),
+            "pool_indices": functions.get_pool_indices(host_lengths),
+        }
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
 
 
 class VisionLanguageWithLoss(nn.Module):
@@ -137,6 +198,34 @@ class VisionLanguageWithLoss(nn.Module):
         deepstack = getattr(out, "deepstack_features", None)
         return out.pooler_output[:keep], [d[:keep] for d in deepstack] if deepstack else None, real
 
+    def audio_features(
+        self, micro_batch: dict[str, Any], device: torch.device, sp_size: int, sp_group: Any
+    ) -> tuple[torch.Tensor | None, bool]:
+        """The audio tower's features for the micro-batch's audios in order (a silent dummy when none; None without
+        an audio tower). Under SP the tower's layers run on this rank's slice of the frames (``parallel/audio.py``);
+        a short padding audio makes the frames divide evenly, and its features are dropped here."""
+        tower = self.adapter.audio_tower(self.hf_model)
+        if tower is None:
+            return None, False
+        real = micro_batch.get("input_features") is not None
+        if real:
+            features = micro_batch["input_features"]
+            lengths = micro_batch.get("audio_lengths") or micro_batch["audio_feature_lengths"].tolist()
+        else:
+            features, lengths = self.adapter.dummy_audio_input(self.hf_model, device)
+        _, outputs = tower._get_feat_extract_output_lengths(torch.tensor(lengths))
+        keep = int(outputs.sum())
+        if sp_size > 1 and (pad := padding_audio(lengths, tower.n_window, sp_size, features.shape[-1], device)):
+            features, lengths = torch.cat([features, pad[0]]), [*lengths, pad[1]]
+        precomputed = self.adapter.precomputed_audio_kwargs(self.hf_model, features, lengths, device)
+        # The live dtype of the front end, read now (FSDP2 mixed precision: stored fp32, computed in bf16).
+        dtype = next(tower.get_input_embeddings().parameters()).dtype
+        feature_lens = torch.tensor(lengths, device=device)
+        if precomputed:
+            precomputed["padded_feature"] = precomputed["padded_feature"].to(dtype)
+        out = tower(features.T.to(dtype), feature_lens=feature_lens, sp_group=sp_group, **precomputed)
+        return out.last_hidden_state[:keep], real
+
     def forward(self, micro_batch: dict[str, Any], sp_rank: int, sp_size: int, sp_group: Any) -> torch.Tensor:
         """This rank's summed token loss for one packed micro-batch (SP: its slice of the sequence)."""
         config = self.hf_model.config
@@ -162,6 +251,11 @@ class VisionLanguageWithLoss(nn.Module):
             embeds = embeds + 0.0 * features.sum()  # the dummy's gradient path: same collectives, zero contribution
             if deepstack:
                 embeds = embeds + 0.0 * sum(d.sum() for d in deepstack)
+        audio, audio_real = self.audio_features(micro_batch, embeds.device, sp_size, sp_group)
+        if audio_real:
+            embeds = embeds.masked_scatter((ids == config.audio_token_id)[..., None], audio.to(embeds.dtype))
+        elif audio is not None:
+            embeds = embeds + 0.0 * audio.sum()
         local = shard_packed_batch({**micro_batch, "inputs_embeds": embeds}, sp_rank, sp_size)
         if "visual_pos_masks" in extra:
             extra = _local_deepstack(extra, ids.shape[-1], sp_rank, sp_size)
@@ -194,6 +288,8 @@ def _visual_order(ids: torch.Tensor, config: Any, n_image: int) -> torch.Tensor:
 
 def _local_deepstack(extra: dict[str, Any], seq_len: int, sp_rank: int, sp_size: int) -> dict[str, Any]:
     """Qwen3-VL's deepstack inputs for this SP rank's slice: its visual positions and their feature rows."""
+    if sp_size == 1:
+        return extra  # the whole sequence: nothing to cut (and no device read for the counts below)
     mask = extra["visual_pos_masks"]
     pad = (-seq_len) % sp_size
     if pad:

@@ -63,31 +63,40 @@ class VLMModule(TrainingModule):
 
         hp = self.hparams
         config, weights = model_config_and_weights(hp.model, pretrained=hp.pretrained, overrides=hp.config_overrides)
-        if not hasattr(config, "vision_config"):
-            raise ConfigError(
-                f"{hp.model!r} is a {config.model_type} model, not a vision-language one: use CausalLMModule."
-            )
+        config = self.select_config(config)
         text = config.text_config
         self.parallel_mesh.dims.validate_attention(text.num_attention_heads, text.num_key_value_heads)
-        attention = {"text_config": hp.attn_implementation, "vision_config": "sdpa"}
+        encoder_configs = [key for key in ("vision_config", "audio_config") if hasattr(config, key)]
+        sp = self.parallel_mesh.sp_size
+        for key in encoder_configs:
+            heads = _attention_heads(getattr(config, key))
+            if sp > 1 and heads % sp:
+                raise ConfigError(
+                    f"sp_size={sp} does not divide the {key.removesuffix('_config')} tower's {heads} attention heads. "
+                    "Fix: an sp_size dividing it."
+                )
+        attention = {"text_config": hp.attn_implementation, **dict.fromkeys(encoder_configs, "sdpa")}
         hf_model = build_model_on_meta(
             config, attn_implementation=attention, dtype=torch.float32, auto_class=AutoModelForImageTextToText
         )
         # Set after building: transformers vets names containing "flash" against flash-attn kernels at build time,
-        # and its Qwen-VL vision attention passes the packed cu_seqlens only to such names (see ENCODER_ATTENTION).
-        self.adapter.vision_tower(hf_model).config._attn_implementation = ENCODER_ATTENTION
+        # and its Qwen-VL vision and Qwen-Omni audio attention pass the packed cu_seqlens only to such names (see
+        # ENCODER_ATTENTION).
+        for tower in self.adapter.encoders(hf_model):
+            tower.config._attn_implementation = ENCODER_ATTENTION
         self._freeze(hf_model)
-        if self.parallel_mesh.sp_size > 1:
-            vision_heads = config.vision_config.num_heads
-            if vision_heads % self.parallel_mesh.sp_size:
-                raise ConfigError(
-                    f"sp_size={self.parallel_mesh.sp_size} does not divide the vision tower's {vision_heads} attention "
-                    "heads. Fix: an sp_size dividing it."
-                )
         # Always hooked: besides the SP split, the hook keeps the rotary dtype stable under checkpointing.
         self.adapter.split_for_sequence_parallel(hf_model, self.parallel_mesh.sp_group)
         root = VisionLanguageWithLoss(hf_model, self.adapter, ce_chunk_size=hp.ce_chunk_size)
         return root, [Backbone(hf_model, TransformersAdapter(), weights)]
+
+    def select_config(self, config: Any) -> Any:
+        """The config of the model to train, checked: a vision-language one (it has a ``vision_config``)."""
+        if not hasattr(config, "vision_config"):
+            raise ConfigError(
+                f"{self.hparams.model!r} is a {config.model_type} model, not a vision-language one: use CausalLMModule."
+            )
+        return config
 
     def _freeze(self, hf_model: nn.Module) -> None:
         tower = self.adapter.vision_tower(hf_model)
@@ -97,14 +106,19 @@ class VLMModule(TrainingModule):
             if (is_projector and self.hparams.freeze_projector) or (not is_projector and self.hparams.freeze_vision):
                 p.requires_grad_(False)
 
+    def tower_learning_rates(self, hf_model: nn.Module) -> list[tuple[nn.Module, float | None]]:
+        """The encoders that may train at their own learning rate (None: ``learning_rate``): the vision tower."""
+        return [(self.adapter.vision_tower(hf_model), self.hparams.vision_lr)]
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """Trainable parameters only; the vision tower and projector at ``vision_lr`` when given."""
+        """Trainable parameters only; each encoder (and its projector) at its own learning rate when given."""
         groups = super().param_groups()
-        if self.hparams.vision_lr is None:
+        lr_of = {id(p): lr for tower, lr in self.tower_learning_rates(self.model.hf_model) if lr is not None
+                 for p in tower.parameters()}  # fmt: skip
+        if not lr_of:
             return groups
-        vision = {id(p) for p in self.adapter.vision_tower(self.model.hf_model).parameters()}
-        split = split_groups(groups, key=lambda p: id(p) in vision)
-        return [{**g, "lr": self.hparams.vision_lr} if id(g["params"][0]) in vision else g for g in split]
+        split = split_groups(groups, key=lambda p: lr_of.get(id(p)))
+        return [{**g, "lr": lr_of[id(g["params"][0])]} if id(g["params"][0]) in lr_of else g for g in split]
 
     def loss_counts(self, micro_batch: dict[str, Any]) -> dict[str, float]:
         return {"loss": micro_batch["num_loss_tokens"]}
@@ -130,8 +144,25 @@ class VLMModule(TrainingModule):
             embedding_params=input_embedding_parameters(hf_model),
         )
         patches = sum(micro_batch[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in micro_batch)
-        return language + 6 * count_parameters(self.adapter.vision_tower(hf_model)) * patches / tokens
+        return (
+            language
+            + 6 * count_parameters(self.adapter.vision_tower(hf_model)) * patches / tokens
+            + (self.encoder_flops(micro_batch) / tokens)
+        )
+
+    def encoder_flops(self, micro_batch: dict[str, Any]) -> float:
+        """Training FLOPs of further encoders on the micro-batch (none for a vision-language model)."""
+        return 0.0
 
     def export_hf(self, out_dir: str, processor: Any | None = None) -> Any:
         """Write a folder ``AutoModelForImageTextToText.from_pretrained`` loads (collective: every rank calls it)."""
         return super().export_hf(out_dir, tokenizer=processor)
+
+
+def _attention_heads(config: Any) -> int:
+    """An encoder config's attention heads (vision configs call them ``num_heads``, Whisper-style audio configs
+    ``encoder_attention_heads``)."""
+    for name in ("num_heads", "encoder_attention_heads", "num_attention_heads"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ConfigError(f"{type(config).__name__} names no attention head count: not a supported encoder config.")

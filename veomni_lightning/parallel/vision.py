@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["padding_image", "split_vision_tower"]
+__all__ = ["GatherSlices", "padding_image", "split_vision_tower"]
 
 
-class _GatherSlices(torch.autograd.Function):
+class GatherSlices(torch.autograd.Function):
     """All-gather of equal contiguous slices along dim 0; backward: the summed gradient of this rank's slice."""
 
     @staticmethod
@@ -82,7 +82,7 @@ def split_vision_tower(
         return args, kwargs
 
     def after_merger(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return _GatherSlices.apply(output, group)
+        return GatherSlices.apply(output, group)
 
     handles = [b.register_forward_pre_hook(before_block, with_kwargs=True) for b in blocks]
     if world > 1:
