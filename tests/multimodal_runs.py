@@ -7,7 +7,7 @@ import torch
 
 
 def fit_plan(rank: int, world: int, steps: list, global_micro_batches: int, module_cls: str, model: str, sp: int,
-             ac: bool = False) -> dict:  # fmt: skip
+             ac: bool = False, ep: int = 1) -> dict:  # fmt: skip
     """Train ``module_cls`` (a ``veomni_lightning.modules`` name) on ``steps``; dp rank r takes its share of each step."""
     import lightning.pytorch as pl
     from e2e_helpers import MetricsRecorder
@@ -26,7 +26,9 @@ def fit_plan(rank: int, world: int, steps: list, global_micro_batches: int, modu
             return DataLoader(_Steps([step[r * share : (r + 1) * share] for step in steps]), batch_size=None)
 
     recorder = MetricsRecorder()
-    strategy = VeOmniStrategy(parallel=ParallelConfig(sp_size=sp, param_dtype="fp32", activation_checkpointing=ac))
+    strategy = VeOmniStrategy(
+        parallel=ParallelConfig(sp_size=sp, ep_size=ep, param_dtype="fp32", activation_checkpointing=ac)
+    )
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=len(steps), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[recorder], log_every_n_steps=1, num_sanity_val_steps=0)  # fmt: skip

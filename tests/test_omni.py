@@ -51,14 +51,12 @@ PLAN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def omni_assets(tmp_path_factory) -> dict:
+def _build_assets(root: Path, family: str) -> dict:
     """The thinker folder (config + processor) and the plan's micro-batches built by the real pipeline."""
     from veomni_lightning.data import OmniDataModule
     from veomni_lightning.data.multimodal import build_multimodal_micro_batch
     from veomni_lightning.data.sources import RowLocation
 
-    root = tmp_path_factory.mktemp("omni")
     media = root / "media"
     media.mkdir()
     files = media_files()
@@ -69,7 +67,7 @@ def omni_assets(tmp_path_factory) -> dict:
     rows = [row for step in PLAN for mb in step for row in mb]
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    folder = save_tiny_omni_folder(root / "thinker", lee_text_path())
+    folder = save_tiny_omni_folder(root / "thinker", lee_text_path(), family)
     dm = OmniDataModule(train_files=str(data), processor=str(folder), micro_batch_tokens=TOKENS,
                         videos_kwargs=VIDEO_SIZE)  # fmt: skip
     encoder = dm.make_encoder()
@@ -82,9 +80,21 @@ def omni_assets(tmp_path_factory) -> dict:
     return {"root": str(root), "data": str(data), "model": str(folder), "steps": steps}
 
 
+@pytest.fixture(scope="module")
+def omni_assets(tmp_path_factory) -> dict:
+    """Qwen2.5-Omni thinker assets (see :func:`_build_assets`)."""
+    return _build_assets(tmp_path_factory.mktemp("omni"), "qwen2_5_omni")
+
+
+@pytest.fixture(scope="module")
+def moe_assets(tmp_path_factory) -> dict:
+    """Qwen3-Omni-MoE thinker assets: Qwen3-VL style vision (deepstack), a conv2d audio front end, MoE experts."""
+    return _build_assets(tmp_path_factory.mktemp("omni_moe"), "qwen3_omni_moe")
+
+
 def _runs(rank: int, world: int, assets: dict, layouts: list) -> dict:
-    return {name: fit_plan(rank, world, assets["steps"], GLOBAL_MICRO_BATCHES, "OmniModule", assets["model"], sp, ac)
-            for name, sp, ac in layouts}  # fmt: skip
+    return {name: fit_plan(rank, world, assets["steps"], GLOBAL_MICRO_BATCHES, "OmniModule", assets["model"], sp, ac,
+                           *ep) for name, sp, ac, *ep in layouts}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +143,26 @@ def _built_module(model: str, **options):
 
 @pytest.mark.parametrize("use_audio_in_video", [False, True])
 def test_single_process_loss_equals_plain_transformers_per_sample(omni_assets, use_audio_in_video):
+    _assert_equals_plain_transformers(omni_assets, use_audio_in_video)
+
+
+def test_moe_thinker_single_process_loss_equals_plain_transformers(moe_assets):
+    """Qwen3-Omni-MoE's thinker: its towers compute their own indices (other helper signatures), same loss."""
+    _assert_equals_plain_transformers(moe_assets, use_audio_in_video=False)
+
+
+@pytest.mark.timeout(600)
+def test_moe_thinker_with_ep2_and_sp2_ep2_equals_single_process(moe_assets):
+    """Expert parallelism from the MoE work applies to the thinker's experts unchanged (audio-less ranks included)."""
+    single = run_distributed(_runs, 1, moe_assets, [("single", 1, False)], init_process_group=False, timeout=240)[0]
+    layouts = [("dp2_ep2", 1, False, 2), ("sp2_ep2", 2, True, 2)]
+    results = run_distributed(_runs, 2, moe_assets, layouts, init_process_group=False, timeout=500)
+    for rank_results in results:
+        for label, got in rank_results.items():
+            assert_runs_equal(got, single["single"], len(PLAN), label)
+
+
+def _assert_equals_plain_transformers(omni_assets: dict, use_audio_in_video: bool) -> None:
     from transformers import AutoModelForImageTextToText
 
     from veomni_lightning.data import OmniDataModule
@@ -203,7 +233,7 @@ def _audio_tower_split(rank: int, world: int, assets: dict) -> dict:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_audio_tower_split_over_sp_ranks_equals_the_whole_tower(omni_assets, world):
-    """Each SP rank runs the audio layers on its slice of the frames (3 ranks: a padding audio evens them out): the
+    """Each SP rank runs the audio layers on its slice of the frames (3 ranks: zero frames pad them evenly): the
     features equal the unsplit tower's on every rank; input and parameter gradients summed over ranks equal too."""
     results = run_distributed(_audio_tower_split, world, omni_assets, timeout=150)
     ref_out, ref_input_grad, ref_grads = results[0]["reference"]

@@ -162,40 +162,58 @@ def write_speech_clip(path: Path, start_s: float, seconds: float) -> Path:
     return path
 
 
-def save_tiny_omni_folder(folder: Path, text_file: Path) -> Path:
-    """A Qwen2.5-Omni thinker folder: tiny config.json + a real ``Qwen2_5OmniProcessor`` (Qwen2-VL image/video
-    processors, a Whisper feature extractor, a BPE tokenizer with the omni special tokens); no weights."""
-    from transformers import (
-        AutoConfig,
-        Qwen2_5OmniProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        WhisperFeatureExtractor,
-    )
+def save_tiny_omni_folder(folder: Path, text_file: Path, family: str = "qwen2_5_omni") -> Path:
+    """An omni thinker folder (``qwen2_5_omni`` or the MoE ``qwen3_omni_moe``): tiny config.json + the family's real
+    processor (Qwen2-VL / Qwen3-VL image and video processors, a Whisper feature extractor, a BPE tokenizer with the
+    omni special tokens); no weights."""
+    from transformers import AutoConfig, Qwen2VLImageProcessor, WhisperFeatureExtractor
 
     tok = train_tokenizer(text_file, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *OMNI_TOKENS.values()],
                           chat_template=OMNI_CHAT_TEMPLATE, extra_special_tokens=OMNI_TOKENS)  # fmt: skip
-    unit = 28
-    image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, min_pixels=unit * unit * 4, max_pixels=unit * unit * 16)
-    video = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, min_pixels=unit * unit * 4, max_pixels=unit * unit * 8,
-                                  fps=2.0, cap_pixels_per_frame=True)  # fmt: skip
     audio = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=16000)
-    processor = Qwen2_5OmniProcessor(image_processor=image, video_processor=video, feature_extractor=audio,
-                                     tokenizer=tok, chat_template=OMNI_CHAT_TEMPLATE)  # fmt: skip
-    processor.save_pretrained(folder)
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
-        ("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|IMAGE|>"), ("video_token_index", "<|VIDEO|>"),
-        ("vision_start_token_id", "<|vision_bos|>"), ("vision_end_token_id", "<|vision_eos|>"),
-        ("audio_start_token_id", "<|audio_bos|>"), ("audio_end_token_id", "<|audio_eos|>")]}  # fmt: skip
+    token = tok.convert_tokens_to_ids
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})  # fmt: skip
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])  # fmt: skip
-    audio_config = dict(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                        d_model=32, output_dim=64, n_window=10, max_source_positions=1500)  # fmt: skip
-    config = AutoConfig.for_model("qwen2_5_omni_thinker", text_config=text, vision_config=vision,
-                                  audio_config=audio_config, **ids)  # fmt: skip
+    encoder = dict(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                   output_dim=64, max_source_positions=1500)  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, spatial_merge_size=2,
+                  temporal_patch_size=2)  # fmt: skip
+    if family == "qwen2_5_omni":
+        from transformers import Qwen2_5OmniProcessor as Processor
+        from transformers import Qwen2VLVideoProcessor
+
+        unit = 28
+        video = Qwen2VLVideoProcessor(patch_size=14, merge_size=2, min_pixels=unit * unit * 4,
+                                      max_pixels=unit * unit * 8, fps=2.0, cap_pixels_per_frame=True)  # fmt: skip
+        image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, min_pixels=unit * unit * 4,
+                                      max_pixels=unit * unit * 16)  # fmt: skip
+        vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[1])
+        encoder.update(n_window=10)
+        names = ("audio_token_index", "image_token_index", "video_token_index")
+    else:
+        from transformers import Qwen3OmniMoeProcessor as Processor
+        from transformers import Qwen3VLVideoProcessor
+
+        unit = 32
+        video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, fps=2.0,
+                                      size={"shortest_edge": unit * unit * 4, "longest_edge": unit * unit * 8})  # fmt: skip
+        image = Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=unit * unit * 4,
+                                      max_pixels=unit * unit * 16, image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
+        vision.update(patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0])
+        # The processor counts audio tokens with its own n_window (50): the model's must agree.
+        encoder.update(n_window=50, n_window_infer=800, downsample_hidden_size=8)
+        text.update(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16)
+        text["rope_parameters"]["mrope_interleaved"] = True
+        names = ("audio_token_id", "image_token_id", "video_token_id")
+    processor = Processor(image_processor=image, video_processor=video, feature_extractor=audio, tokenizer=tok,
+                          chat_template=OMNI_CHAT_TEMPLATE)  # fmt: skip
+    processor.save_pretrained(folder)
+    ids = dict(zip(names, (token("<|AUDIO|>"), token("<|IMAGE|>"), token("<|VIDEO|>"))))
+    ids.update(vision_start_token_id=token("<|vision_bos|>"), vision_end_token_id=token("<|vision_eos|>"),
+               audio_start_token_id=token("<|audio_bos|>"), audio_end_token_id=token("<|audio_eos|>"))  # fmt: skip
+    config = AutoConfig.for_model(f"{family}_thinker", text_config=text, vision_config=vision, audio_config=encoder,
+                                  **ids)  # fmt: skip
     config.save_pretrained(folder)
     return folder

@@ -212,7 +212,9 @@ class TransformersAdapter(ModelAdapter):
         def fill(name: str, module: nn.Module, tmp: nn.Module) -> None:
             owners[id(module)]._init_weights(tmp)
 
-        init_random_weights(model, fill, seed=seed)
+        # What an init written on a parent module would have done (transformers' MoE blocks: normal(0, std)).
+        std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+        init_random_weights(model, fill, seed=seed, fallback=lambda t: torch.nn.init.normal_(t, mean=0.0, std=std))
 
     def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
         """A folder ``from_pretrained`` loads; ``extras``: ``tokenizer`` (or processor) saved beside the weights."""

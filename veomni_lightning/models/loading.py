@@ -360,7 +360,11 @@ InitFn = Callable[[str, nn.Module, nn.Module], None]
 
 
 def init_random_weights(
-    model: nn.Module, fill: InitFn, seed: int = 0, init_device: torch.device | str | None = None
+    model: nn.Module,
+    fill: InitFn,
+    seed: int = 0,
+    init_device: torch.device | str | None = None,
+    fallback: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
     """Randomly initialise a materialized (optionally FSDP2-sharded) model, one module at a time, layout-independent.
 
@@ -371,7 +375,9 @@ def init_random_weights(
     parameter. All ranks generate identical full tensors: the values do not depend on the parallel layout (world
     size, FSDP/HSDP/SP), only on ``seed``, the module names and the device type the values are generated on.
     ``init_device`` defaults to the parameters' device; pass ``"cpu"`` for values identical on CPU and GPU runs.
-    ``fill`` sees a module without children: inits that reach into sub-modules are not supported.
+    ``fill`` sees a module without children: an init that reaches into sub-modules from their parent (Qwen3-Omni's
+    MoE block initialises its experts' weights) leaves them unset; ``fallback`` then fills each such tensor (same
+    seeded RNG), and without one this raises instead of training on uninitialised memory.
     """
     _check_materialized(model, "init_random_weights")
     first = next(iter(model.parameters()), None)
@@ -389,7 +395,8 @@ def init_random_weights(
         object.__setattr__(tmp, "_modules", {})
         object.__setattr__(tmp, "_non_persistent_buffers_set", set(module._non_persistent_buffers_set))
         for k, p in params.items():
-            full = torch.empty(p.shape, dtype=p.dtype, device=device)
+            # NaN marks what the library's init leaves untouched (an init written on a parent module, below).
+            full = torch.full(p.shape, float("nan"), dtype=p.dtype, device=device)
             tmp._parameters[k] = nn.Parameter(full, requires_grad=p.requires_grad)
         for k, b in buffers.items():
             full_b = b.full_tensor() if isinstance(b, DTensor) else b
@@ -404,6 +411,14 @@ def init_random_weights(
                     f"init_random_weights: initialising {name or 'root'} ({type(module).__name__}) failed ({exc}); "
                     f"the init probably reads sub-modules, which the temporary copy does not have."
                 ) from exc
+            untouched = [k for k in params if tmp._parameters[k].is_floating_point() and tmp._parameters[k].isnan().any()]
+            if untouched and fallback is None:
+                raise RuntimeError(
+                    f"init_random_weights: the init of {name or 'root'} ({type(module).__name__}) left {untouched} "
+                    "unset (an init written on a parent module?); pass a fallback init."
+                )
+            for k in untouched:
+                fallback(tmp._parameters[k])
         for k, p in params.items():
             _copy_full_into(p, tmp._parameters[k])
         for k, b in buffers.items():

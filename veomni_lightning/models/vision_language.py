@@ -9,6 +9,7 @@ the language model + chunked cross-entropy run on the slice.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 
 from veomni_lightning.models.causal_lm import CausalLMWithLoss
 from veomni_lightning.parallel.attention import packed_attention_kwargs
-from veomni_lightning.parallel.audio import padding_audio, split_audio_tower
+from veomni_lightning.parallel.audio import split_audio_tower
 from veomni_lightning.parallel.sequence import shard_packed_batch
 from veomni_lightning.parallel.vision import padding_image, split_vision_tower
 
@@ -129,9 +130,12 @@ class VisionLanguageAdapter:
         precomputed-kwargs convention); empty when that module has none (the tower then computes them itself)."""
         tower = self.audio_tower(hf_model)
         functions = sys.modules[type(tower).__module__]
-        names = ("chunk_and_pad_features", "get_audio_cu_seqlens", "get_valid_indices", "get_pool_indices")
-        if not all(hasattr(functions, name) for name in names):
-            return {}
+        expected = {"chunk_and_pad_features": ["input_features", "feature_lens", "n_window", "kwargs"],
+                    "get_audio_cu_seqlens": ["chunk_lengths", "kwargs"], "get_valid_indices": ["chunk_lengths", "kwargs"],
+                    "get_pool_indices": ["feature_lens", "kwargs"]}  # fmt: skip
+        for name, params in expected.items():  # Qwen2.5-Omni's; another tower's functions take other arguments
+            if list(inspect.signature(getattr(functions, name, _no_function)).parameters) != params:
+                return {}
         host_lengths = torch.tensor(lengths, dtype=torch.long)
         # Chunk boundaries are host numbers; only the split of the (device) features happens on the device.
         padded, chunk_lengths = functions.chunk_and_pad_features(features.T, host_lengths, tower.n_window)
@@ -145,6 +149,10 @@ class VisionLanguageAdapter:
             "pool_indices": functions.get_pool_indices(host_lengths),
         }
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def _no_function() -> None:
+    """Stands in for a function a tower's module does not define."""
 
 
 class VisionLanguageWithLoss(nn.Module):
@@ -202,8 +210,7 @@ class VisionLanguageWithLoss(nn.Module):
         self, micro_batch: dict[str, Any], device: torch.device, sp_size: int, sp_group: Any
     ) -> tuple[torch.Tensor | None, bool]:
         """The audio tower's features for the micro-batch's audios in order (a silent dummy when none; None without
-        an audio tower). Under SP the tower's layers run on this rank's slice of the frames (``parallel/audio.py``);
-        a short padding audio makes the frames divide evenly, and its features are dropped here."""
+        an audio tower). Under SP the tower's layers run on this rank's slice of the frames (``parallel/audio.py``)."""
         tower = self.adapter.audio_tower(self.hf_model)
         if tower is None:
             return None, False
@@ -213,10 +220,6 @@ class VisionLanguageWithLoss(nn.Module):
             lengths = micro_batch.get("audio_lengths") or micro_batch["audio_feature_lengths"].tolist()
         else:
             features, lengths = self.adapter.dummy_audio_input(self.hf_model, device)
-        _, outputs = tower._get_feat_extract_output_lengths(torch.tensor(lengths))
-        keep = int(outputs.sum())
-        if sp_size > 1 and (pad := padding_audio(lengths, tower.n_window, sp_size, features.shape[-1], device)):
-            features, lengths = torch.cat([features, pad[0]]), [*lengths, pad[1]]
         precomputed = self.adapter.precomputed_audio_kwargs(self.hf_model, features, lengths, device)
         # The live dtype of the front end, read now (FSDP2 mixed precision: stored fp32, computed in bf16).
         dtype = next(tower.get_input_embeddings().parameters()).dtype
@@ -224,7 +227,7 @@ class VisionLanguageWithLoss(nn.Module):
         if precomputed:
             precomputed["padded_feature"] = precomputed["padded_feature"].to(dtype)
         out = tower(features.T.to(dtype), feature_lens=feature_lens, sp_group=sp_group, **precomputed)
-        return out.last_hidden_state[:keep], real
+        return out.last_hidden_state, real
 
     def forward(self, micro_batch: dict[str, Any], sp_rank: int, sp_size: int, sp_group: Any) -> torch.Tensor:
         """This rank's summed token loss for one packed micro-batch (SP: its slice of the sequence)."""
