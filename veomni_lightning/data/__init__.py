@@ -15,6 +15,7 @@ Step s consumes global micro-batches [s*G, (s+1)*G), G = dp_size * grad_accum_st
 """
 
 from .datamodule import STAT_KEYS, PackedStepDataset, TextDataModule
+from .dit import DiTDataModule
 from .packing import IGNORE_INDEX, GreedyPacker, build_micro_batch
 from .sources import DataError, RowLocation, expand_files, iter_file_rows, resolve_path, shuffle_buffer
 from .tokenize import SampleEncoder, load_tokenizer, pad_token_id
@@ -22,6 +23,7 @@ from .vlm import OmniDataModule, VLMDataModule
 
 __all__ = [
     "DataError",
+    "DiTDataModule",
     "GreedyPacker",
     "IGNORE_INDEX",
     "PackedStepDataset",

@@ -2,7 +2,8 @@
 
 from veomni_lightning.modules.base import Backbone, StepResult, TrainingModule
 from veomni_lightning.modules.causal_lm import CausalLMModule
+from veomni_lightning.modules.dit import DiTModule
 from veomni_lightning.modules.omni import OmniModule
 from veomni_lightning.modules.vlm import VLMModule
 
-__all__ = ["Backbone", "CausalLMModule", "OmniModule", "StepResult", "TrainingModule", "VLMModule"]
+__all__ = ["Backbone", "CausalLMModule", "DiTModule", "OmniModule", "StepResult", "TrainingModule", "VLMModule"]
