@@ -15,12 +15,22 @@ length (the attention term of the text convention; the vision tower's attention 
 embedding table.
 
     python bench/vlm_throughput.py --images gpu_assets/images --text gpu_assets/lee_x3.txt --runs a c --steps 20
+
+Options of a run (``c:ac=1:vision_ac=0``): ``compile`` and ``ac`` (both runs); for (c) also ``policy`` (full |
+selective), ``fraction`` (share of blocks that recompute), ``vision_ac`` / ``lm_ac`` (0: the vision tower's / the
+language model's blocks do not recompute), ``vision_compile`` (0: the tower's blocks run eagerly), ``vision_fsdp``
+(``tower``: one FSDP unit for the whole tower instead of one per block), ``reshard`` (0: keep gathered weights from
+forward to backward) and ``gc`` (``freeze``: ``gc.freeze()`` after warm-up). ``--profile K`` runs K more steps of
+each (c) run (``profile=N``: N for this one, ``trace=1``: keep its trace) under the torch profiler and writes the
+breakdown of ``profile_vlm.py`` beside the results.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
+import importlib
 import json
 import random
 import statistics
@@ -44,6 +54,16 @@ SHAPES = {  # Qwen3-VL-2B-Instruct's shape (text and vision towers)
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                     deepstack_visual_indexes=[5, 11, 17]),  # fmt: skip
+    ),
+    "qwen3-vl-tiny": dict(  # a CPU smoke test of the harness (no meaningful numbers)
+        family="qwen3_vl",
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=4096, max_position_embeddings=4096,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                                   "mrope_interleaved": True}),  # fmt: skip
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[0]),  # fmt: skip
     ),
 }
 
@@ -152,19 +172,93 @@ def run_plain_hf(spec: dict, stream: list[list[dict]]) -> dict:
 
 
 def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
+    import lightning.pytorch as pl
     from text_workers import MAX_GRAD_NORM, _finish, _lightning_parts
 
     from veomni_lightning.modules import VLMModule
     from veomni_lightning.parallel import ParallelConfig
     from veomni_lightning.strategies import VeOmniStrategy
 
-    module = VLMModule(spec["model"], pretrained=False, learning_rate=spec["lr"], weight_decay=0.0, betas=(0.9, 0.95),
-                       eps=1e-8, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=MAX_GRAD_NORM, init_seed=0)  # fmt: skip
+    options = spec.get("options", {})
+
+    class Module(VLMModule):
+        """``VLMModule`` with the run's experimental per-tower options applied around the model's set-up."""
+
+        def setup_model(self, mesh, config) -> None:
+            with _tower_fsdp_unit(options.get("vision_fsdp") == "tower"):
+                super().setup_model(mesh, config)
+            hf_model = self.model.hf_model
+            vision = list(self.adapter.vision_tower(hf_model).blocks)
+            language = list(getattr(self.adapter.inner(hf_model), self.adapter.decoder).layers)
+            for flag, blocks in (("vision_ac", vision), ("lm_ac", language)):
+                if options.get(flag) == "0":
+                    for block in blocks:
+                        block.gradient_checkpointing = False
+            if options.get("vision_compile") == "0":
+                for block in vision:
+                    block._compiled_call_impl = None
+
+    class FreezeGarbage(pl.Callback):
+        """``gc=freeze``: after the warm-up steps, move every live object out of the collector's generations."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 2:
+                gc.collect()
+                gc.freeze()
+
+    module = Module(spec["model"], pretrained=False, learning_rate=spec["lr"], weight_decay=0.0, betas=(0.9, 0.95),
+                    eps=1e-8, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=MAX_GRAD_NORM, init_seed=0)  # fmt: skip
     parallel = ParallelConfig(param_dtype="bf16", reduce_dtype="fp32", compile_blocks=spec["compile"],
-                              activation_checkpointing=spec["ac"])  # fmt: skip
+                              activation_checkpointing=spec["ac"], checkpoint_policy=options.get("policy", "full"),
+                              checkpoint_fraction=float(options.get("fraction", 1.0)),
+                              reshard_after_forward=options.get("reshard", "1") == "1")  # fmt: skip
     data, timer, make_trainer = _lightning_parts({"grad_accum": 1}, stream, per_micro_batch=False)
-    make_trainer(VeOmniStrategy(parallel=parallel), timer).fit(module, datamodule=data)
-    return _finish(timer.clock, torch.device("cuda"))
+    trainer = make_trainer(VeOmniStrategy(parallel=parallel), timer)
+    if options.get("gc") == "freeze":
+        trainer.callbacks.append(FreezeGarbage())
+    if spec.get("profile"):
+        from profile_vlm import StepProfiler
+
+        keep = spec["keep_trace"] or options.get("trace") == "1"
+        profiler = StepProfiler(spec["steps"], spec["profile"], Path(spec["out"]), spec["stem"], keep)
+        trainer.callbacks.append(profiler.callback())
+    trainer.fit(module, datamodule=data)
+    from torch._dynamo.utils import counters
+    from torch.distributed.fsdp import FSDPModule
+
+    dynamo = {kind: {k[:200]: v for k, v in counters[kind].items()} for kind in ("stats", "graph_break")}
+    units = len({id(m._get_fsdp_state()) for m in module.model.modules() if isinstance(m, FSDPModule)})
+    return {**_finish(timer.clock, torch.device("cuda" if torch.cuda.is_available() else "cpu")), "dynamo": dynamo,
+            "fsdp_units": units}  # fmt: skip
+
+
+class _tower_fsdp_unit:
+    """While active, ``parallelize_model`` shards the vision tower (its blocks, patch embedding and mergers) as one
+    FSDP unit instead of one unit per block: an experiment on FSDP2's per-unit host cost."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.fsdp = importlib.import_module("veomni_lightning.parallel.fsdp")
+        self.original = self.fsdp.apply_fsdp
+
+    def __enter__(self) -> None:
+        if not self.active:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        original = self.original
+
+        def apply_fsdp(blocks, root, mesh, config, *args, **kwargs):
+            tower = root.adapter.vision_tower(root.hf_model)
+            ids = {id(b) for b in tower.blocks}
+            fully_shard(tower, mesh=mesh, mp_policy=config.mixed_precision(),
+                        reshard_after_forward=config.reshard_after_forward)  # fmt: skip
+            return original([b for b in blocks if id(b) not in ids], root, mesh, config, *args, **kwargs)
+
+        self.fsdp.apply_fsdp = apply_fsdp
+
+    def __exit__(self, *exc) -> None:
+        self.fsdp.apply_fsdp = self.original
 
 
 def worker(spec_path: str) -> None:
@@ -213,6 +307,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", nargs="+", default=["a", "c"], help="a, c, c:compile=0, a:ac=1, c:ac=1 (ac: checkpointing)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--profile", type=int, default=0, help="profile this many extra steps of each (c) run")
+    p.add_argument("--keep-trace", action="store_true", help="keep the profiler's Chrome trace (gzipped)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="vlm_throughput")
     p.add_argument("--worker")
@@ -221,15 +317,26 @@ def main() -> None:
         return worker(args.worker)
     work = Path(tempfile.mkdtemp())
     folder, data = build_assets(args, work)
-    stream = build_stream(folder, data, args)
+    total = args.steps + args.profile
+    stream = build_stream(folder, data, argparse.Namespace(**{**vars(args), "steps": total}))
     torch.save(stream, work / "stream.pt")
-    flops = model_flops(folder, stream)
+    flops = model_flops(folder, stream)[: args.steps]
+    timed = stream[: args.steps]
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "shape": args.shape,
+            "torch": torch.__version__, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "patches_per_step":
+            [sum(mb["pixel_values"].shape[0] for mb in s if "pixel_values" in mb) for s in timed]}  # fmt: skip
     rows = []
     for i, run in enumerate(args.runs):
         mode, *pairs = run.split(":")
         options = dict(pair.split("=") for pair in pairs)
+        stem = f"{args.name}_{i}_" + run.replace(":", "_").replace("=", "")
         spec = {"mode": mode, "model": str(folder), "stream": str(work / "stream.pt"), "lr": args.lr,
                 "compile": options.get("compile", "1") == "1", "ac": options.get("ac", "0") == "1",
+                "options": options, "steps": args.steps,
+                "profile": int(options.get("profile", args.profile)) if mode == "c" else 0,
+                "out": str(args.out), "stem": stem, "keep_trace": args.keep_trace,
                 "result": str(work / f"result_{i}.json")}  # fmt: skip
         (work / f"spec_{i}.json").write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, __file__, "--worker", str(work / f"spec_{i}.json"), "--images", ".",
@@ -237,16 +344,19 @@ def main() -> None:
         print(proc.stdout[-3000:], proc.stderr[-6000:], flush=True)
         result = json.loads(Path(spec["result"]).read_text()) if Path(spec["result"]).exists() else {"status": "error"}
         if result["status"] == "ok":
+            result["step_times"] = result["step_times"][: args.steps]
+            result["losses"] = result["losses"][: args.steps]
             times = result["step_times"][args.warmup :]
             median = statistics.median(times)
-            step_flops = statistics.median(flops[args.warmup + 1 :])
-            tokens = statistics.median(sum(mb["input_ids"].numel() for mb in s) for s in stream[args.warmup + 1 :])
+            step_flops = statistics.median(flops[args.warmup :])
+            tokens = statistics.median(sum(mb["input_ids"].numel() for mb in s) for s in timed[args.warmup :])
             result.update(median_s=median, tokens_per_s=tokens / median, mfu=step_flops / median / 989e12)
         rows.append({"run": run, **result})
-    meta = {"date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "shape": args.shape,
-            "torch": torch.__version__, "device": torch.cuda.get_device_name(0), "patches_per_step":
-            [sum(mb["pixel_values"].shape[0] for mb in s if "pixel_values" in mb) for s in stream]}  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
+        write_results(args, meta, rows)  # after every run: a later crash or timeout keeps the finished ones
+
+
+def write_results(args: argparse.Namespace, meta: dict, rows: list[dict]) -> None:
+    """``<name>.json`` (every number) and ``<name>.md`` (the table) in ``args.out``."""
     (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = next((r for r in rows if r["run"].split(":")[0] == "a" and r["status"] == "ok"), None)
     lines = [f"# VLM throughput: {args.shape}, {args.seq}-token micro-batches, 1 GPU", "",
@@ -267,7 +377,7 @@ def main() -> None:
                 worst = max(abs(x - y) / abs(y) for x, y in zip(r["losses"], base["losses"]))
                 lines.append(f"\n{r['run']}: per-step losses within {worst:.1e} relative of (a) over {len(r['losses'])} steps.")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

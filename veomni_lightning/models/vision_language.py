@@ -9,11 +9,14 @@ the language model + chunked cross-entropy run on the slice.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,25 +84,27 @@ class VisionLanguageAdapter:
         keyword arguments (``transformers.vision_utils``); empty when this transformers has no such support."""
         try:
             from transformers import vision_utils
-            from transformers.vision_utils import get_vision_cu_seqlens, get_vision_window_index
+            from transformers.vision_utils import get_vision_window_index
         except ImportError:  # older transformers: the tower computes them itself
             return {}
         tower = self.vision_tower(hf_model)
-        grid = torch.tensor(grids, dtype=torch.long)
-        cu = get_vision_cu_seqlens(grid)
-        out: dict[str, Any] = {"cu_seqlens": cu, "max_seqlen": int((cu[1:] - cu[:-1]).max())}
-        # Computed on the device these read it back (`grid.tolist()`, `repeat_interleave`, `arange(sum)`): one host
-        # sync each, with a per-image loop of small kernels behind the first.
+        # Plain Python and per-image cached tables rather than torch CPU ops over the batch: on the device these would
+        # read it back (`grid.tolist()`, `repeat_interleave`, `arange(sum)`), and torch's CPU ops run through its
+        # intra-op thread pool, which costs milliseconds per op on some hosts (tens per micro-batch, measured on H100).
+        lengths = [h * w for t, h, w in grids for _ in range(t)]
+        out: dict[str, Any] = {
+            "cu_seqlens": torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
+            "max_seqlen": max(lengths),
+        }
         if hasattr(vision_utils, "get_vision_position_ids"):
-            out["position_ids"] = vision_utils.get_vision_position_ids(grid, tower.spatial_merge_size)
-        if hasattr(vision_utils, "get_vision_interpolation_indices_and_weights") and hasattr(
-            tower, "num_grid_per_side"
-        ):
-            out["interp_indices"], out["interp_weights"] = vision_utils.get_vision_interpolation_indices_and_weights(
-                grid, num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
-                align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.spatial_merge_size,
-            )  # fmt: skip
+            interpolate = hasattr(vision_utils, "get_vision_interpolation_indices_and_weights")
+            table = (getattr(tower, "num_grid_per_side", None), getattr(tower, "interpolation_mode", None),
+                     getattr(tower, "interpolation_align_corners", None)) if interpolate else (None, None, None)  # fmt: skip
+            parts = [_image_vision_tables(tuple(g), tower.spatial_merge_size, *table) for g in grids]
+            names = ["position_ids"] + (["interp_indices", "interp_weights"] if table[0] is not None else [])
+            out.update({name: torch.from_numpy(np.concatenate([p[i] for p in parts])) for i, name in enumerate(names)})
         if hasattr(tower, "window_size") and hasattr(tower, "fullatt_block_indexes"):
+            grid = torch.tensor(grids, dtype=torch.long)
             index, cu_window = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size,
                                                        tower.patch_size)  # fmt: skip
             out.update(window_index=index, cu_window_seqlens=cu_window,
@@ -305,3 +310,24 @@ def _local_deepstack(extra: dict[str, Any], seq_len: int, sp_rank: int, sp_size:
         "visual_pos_masks": mine,
         "deepstack_visual_embeds": [d[before : before + count] for d in extra["deepstack_visual_embeds"]],
     }
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_vision_tables(
+    grid: tuple[int, int, int], merge: int, side: int | None, mode: str | None, align_corners: bool | None
+) -> tuple[np.ndarray, ...]:
+    """One image's rotary position ids and, for a learned ``side × side`` position table, its resampling indices and
+    weights (``transformers.vision_utils``), as read-only arrays. They depend on the grid alone, not on where the
+    image sits in the batch, so a batch's tables are these concatenated, and each grid is computed once."""
+    from transformers import vision_utils
+
+    one = torch.tensor([grid], dtype=torch.long)
+    tables = [vision_utils.get_vision_position_ids(one, merge)]
+    if side is not None:
+        tables += vision_utils.get_vision_interpolation_indices_and_weights(
+            one, num_grid_per_side=side, mode=mode, align_corners=align_corners, spatial_merge_size=merge
+        )
+    arrays = tuple(t.numpy() for t in tables)
+    for a in arrays:
+        a.setflags(write=False)
+    return arrays
