@@ -10,8 +10,9 @@ image processor, a BPE tokenizer trained on real text), the same step stream and
 the gradient norm to 1.0. Each run is its own process (clean peak-memory numbers).
 
 MFU counts the language model and the vision tower:
-``flops = 6·(P_lm − E)·T + 12·L·H·D·S·T + 6·P_vision·N`` per step, with T tokens, N vision patches, S the packed
-length (the attention term of the text convention; the vision tower's attention FLOPs are left out), E the input
+``flops = 6·(P_lm − E)·T + 12·L·H·D·Σ s_i² + 6·P_vision·N`` per step, with T tokens, N vision patches, s_i the
+lengths of the packed samples (each attends within itself; the padding is left out; the vision tower's attention
+FLOPs are left out too), E the input
 embedding table.
 
     python bench/vlm_throughput.py --images gpu_assets/images --text gpu_assets/lee_x3.txt --runs a c --steps 20
@@ -47,23 +48,121 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 SHAPES = {  # Qwen3-VL-2B-Instruct's shape (text and vision towers)
     "qwen3-vl-2b": dict(
         family="qwen3_vl",
-        text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=32768,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True}),  # fmt: skip
-        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
-                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                    deepstack_visual_indexes=[5, 11, 17]),  # fmt: skip
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [24, 20, 20],
+                "mrope_interleaved": True,
+            },
+        ),  # fmt: skip
+        vision=dict(
+            depth=24,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[5, 11, 17],
+        ),  # fmt: skip
     ),
+    "qwen2.5-omni-3b": dict(  # the Qwen2.5-Omni-3B thinker's shape (text, vision and audio towers)
+        family="qwen2_5_omni",
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        audio=dict(
+            d_model=1280,
+            encoder_layers=32,
+            encoder_attention_heads=20,
+            encoder_ffn_dim=5120,
+            num_mel_bins=128,
+            output_dim=2048,
+            n_window=100,
+        ),
+    ),  # fmt: skip
+    "qwen2.5-omni-tiny": dict(  # a CPU smoke test of the omni harness
+        family="qwen2_5_omni",
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=4096,
+        ),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64),
+        audio=dict(
+            d_model=32,
+            encoder_layers=2,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            num_mel_bins=128,
+            output_dim=64,
+            n_window=100,
+        ),
+    ),  # fmt: skip
     "qwen3-vl-tiny": dict(  # a CPU smoke test of the harness (no meaningful numbers)
         family="qwen3_vl",
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, vocab_size=4096, max_position_embeddings=4096,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
-                                   "mrope_interleaved": True}),  # fmt: skip
-        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=16,
-                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                    deepstack_visual_indexes=[0]),  # fmt: skip
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=4096,
+            max_position_embeddings=4096,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        ),  # fmt: skip
+        vision=dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=2304,
+            deepstack_visual_indexes=[0],
+        ),  # fmt: skip
     ),
 }
 
@@ -74,6 +173,8 @@ def build_assets(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     from vlm_assets import save_processor
 
     shape = SHAPES[args.shape]
+    if "audio" in shape:
+        return build_omni_assets(args, work, shape)
     folder = save_processor(work / "model", shape["family"], Path(args.text))
     processor = AutoProcessor.from_pretrained(folder)
     unit = 32  # patch 16 × merge 2
@@ -94,6 +195,41 @@ def build_assets(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     for i in range(args.rows):
         pictures = rng.sample(images, rng.choice([1, 2]))
         content = [{"type": "image", "image": p} for p in pictures]
+        content.append({"type": "text", "text": sentences[i % len(sentences)] + "?"})
+        answer = " ".join(sentences[(i + j) % len(sentences)] + "." for j in range(1, 4))
+        rows.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]})
+    data = work / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, data
+
+
+def build_omni_assets(args: argparse.Namespace, work: Path, shape: dict) -> tuple[Path, Path]:
+    """An omni thinker folder (real shape, real processor with 128 mel bins) and rows of a real speech excerpt
+    (2-10 s) with one picture or none, a question and an answer."""
+    from transformers import AutoProcessor
+    from vlm_assets import save_tiny_omni_folder, write_speech_clip
+
+    overrides = {"text_config": shape["text"], "vision_config": shape["vision"], "audio_config": shape["audio"]}
+    folder = save_tiny_omni_folder(work / "model", Path(args.text), shape["family"],
+                                   mel_bins=shape["audio"]["num_mel_bins"], config_overrides=overrides)  # fmt: skip
+    processor = AutoProcessor.from_pretrained(folder)
+    unit = 28  # patch 14 × merge 2
+    processor.image_processor.max_pixels = args.image_tokens * unit * unit
+    processor.image_processor.min_pixels = 64 * unit * unit
+    processor.save_pretrained(folder)
+    images = sorted(str(p.resolve()) for p in Path(args.images).iterdir())
+    sentences = [s.strip() for s in Path(args.text).read_text(errors="ignore").split(".") if 40 < len(s.strip()) < 300]
+    rng = random.Random(0)
+    clips = []
+    for i in range(16):  # excerpts of the recording: different lengths and starts
+        seconds = rng.uniform(2.0, 10.0)
+        clips.append(str(write_speech_clip(work / f"speech_{i}.wav", rng.uniform(0.0, 10.8 - seconds), seconds,
+                                           Path(args.speech))))  # fmt: skip
+    rows = []
+    for i in range(args.rows):
+        content = [{"type": "audio", "audio": rng.choice(clips)}]
+        if rng.random() < 0.5:
+            content.append({"type": "image", "image": rng.choice(images)})
         content.append({"type": "text", "text": sentences[i % len(sentences)] + "?"})
         answer = " ".join(sentences[(i + j) % len(sentences)] + "." for j in range(1, 4))
         rows.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]})
@@ -133,6 +269,14 @@ def _padded(mb: dict, config) -> dict:
     batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, shift_labels=labels, labels=labels)
     if "pixel_values" in mb:
         batch.update(pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"])
+    if "input_features" in mb:  # audio: one padded row of mel frames per recording, with its mask
+        lengths = mb["audio_lengths"]
+        features = torch.zeros(len(lengths), mb["input_features"].shape[-1], max(lengths))
+        frames = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        for i, part in enumerate(mb["input_features"].split(lengths)):
+            features[i, :, : len(part)], frames[i, : len(part)] = part.T, 1
+        batch.update(input_features=features, feature_attention_mask=frames)
+        del batch["mm_token_type_ids"]  # the omni thinker finds its placeholders from the ids
     return batch
 
 
@@ -175,13 +319,14 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
     import lightning.pytorch as pl
     from text_workers import MAX_GRAD_NORM, _finish, _lightning_parts
 
-    from veomni_lightning.modules import VLMModule
+    from veomni_lightning import modules
     from veomni_lightning.parallel import ParallelConfig
     from veomni_lightning.strategies import VeOmniStrategy
 
     options = spec.get("options", {})
+    base = modules.OmniModule if spec.get("omni") else modules.VLMModule
 
-    class Module(VLMModule):
+    class Module(base):
         """``VLMModule`` with the run's experimental per-tower options applied around the model's set-up."""
 
         def setup_model(self, mesh, config) -> None:
@@ -189,7 +334,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
                 super().setup_model(mesh, config)
             hf_model = self.model.hf_model
             vision = list(self.adapter.vision_tower(hf_model).blocks)
-            language = list(getattr(self.adapter.inner(hf_model), self.adapter.decoder).layers)
+            language = list(self.adapter.language_model(hf_model).layers)
             for flag, blocks in (("vision_ac", vision), ("lm_ac", language)):
                 if options.get(flag) == "0":
                     for block in blocks:
@@ -276,22 +421,40 @@ def model_flops(folder: Path, stream: list[list[dict]]) -> list[float]:
     """Training FLOPs of each step by the formula in the module docstring."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from veomni_lightning.modules.metrics import count_parameters
+    from veomni_lightning.modules.metrics import attention_length, count_parameters
+    from veomni_lightning.parallel.audio import frames_after_front_end
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    vision = count_parameters(model.model.visual)
+    from veomni_lightning.models.vision_language import VisionLanguageAdapter
+
+    adapter = VisionLanguageAdapter()
+    vision = count_parameters(adapter.vision_tower(model))
+    audio_tower = adapter.audio_tower(model)
+    audio = 0 if audio_tower is None else count_parameters(audio_tower)
     embed = model.get_input_embeddings().weight.numel()
-    lm = count_parameters(model) - vision - (0 if config.tie_word_embeddings else embed)
+    lm = count_parameters(model) - vision - audio - (0 if config.tie_word_embeddings else embed)
     text = config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     out = []
     for step in stream:
         tokens = sum(mb["input_ids"].numel() for mb in step)
         patches = sum(mb["pixel_values"].shape[0] for mb in step if "pixel_values" in mb)
-        seq = step[0]["input_ids"].shape[-1]
-        attention = 12 * text.num_hidden_layers * text.num_attention_heads * text.head_dim * seq
-        out.append((6 * lm + attention) * tokens + 6 * vision * patches)
+        # Each packed sample attends within itself: Σ s_i² over the micro-batches' real samples.
+        attention = (
+            12
+            * text.num_hidden_layers
+            * text.num_attention_heads
+            * head_dim
+            * sum(attention_length(mb) * mb["input_ids"].shape[-1] for mb in step)
+        )
+        frames = (
+            sum(frames_after_front_end(mb.get("audio_lengths") or [], audio_tower.n_window) for mb in step)
+            if audio
+            else 0
+        )
+        out.append(6 * lm * tokens + attention + 6 * vision * patches + 6 * audio * frames)
     return out
 
 
@@ -300,12 +463,15 @@ def main() -> None:
     p.add_argument("--shape", default="qwen3-vl-2b", choices=sorted(SHAPES))
     p.add_argument("--images", required=True, help="a folder of pictures")
     p.add_argument("--text", required=True, help="a text file: tokenizer training text and the answers")
+    p.add_argument("--speech", default="/usr/share/codec2/raw/speech_orig_16k.wav", help="omni shapes: a speech WAV")
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--image-tokens", type=int, default=1024, help="max merged tokens per picture")
     p.add_argument("--rows", type=int, default=700)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", nargs="+", default=["a", "c"], help="a, c, c:compile=0, a:ac=1, c:ac=1 (ac: checkpointing)")
+    p.add_argument(
+        "--runs", nargs="+", default=["a", "c"], help="a, c, c:compile=0, a:ac=1, c:ac=1 (ac: checkpointing)"
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--profile", type=int, default=0, help="profile this many extra steps of each (c) run")
     p.add_argument("--keep-trace", action="store_true", help="keep the profiler's Chrome trace (gzipped)")
@@ -333,6 +499,7 @@ def main() -> None:
         options = dict(pair.split("=") for pair in pairs)
         stem = f"{args.name}_{i}_" + run.replace(":", "_").replace("=", "")
         spec = {"mode": mode, "model": str(folder), "stream": str(work / "stream.pt"), "lr": args.lr,
+                "omni": "audio" in SHAPES[args.shape],
                 "compile": options.get("compile", "1") == "1", "ac": options.get("ac", "0") == "1",
                 "options": options, "steps": args.steps,
                 "profile": int(options.get("profile", args.profile)) if mode == "c" else 0,
@@ -361,7 +528,7 @@ def write_results(args: argparse.Namespace, meta: dict, rows: list[dict]) -> Non
     base = next((r for r in rows if r["run"].split(":")[0] == "a" and r["status"] == "ok"), None)
     lines = [f"# VLM throughput: {args.shape}, {args.seq}-token micro-batches, 1 GPU", "",
              f"{meta['date']} · {meta['device']} · torch {meta['torch']}", "", f"`{meta['command']}`", "",
-             "| run | tokens/s | vs (a) | MFU (LM + vision) | peak GiB | vs (a) | loss @ last step |",
+             "| run | tokens/s | vs (a) | MFU (LM + encoders) | peak GiB | vs (a) | loss @ last step |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["status"] != "ok":
@@ -375,7 +542,9 @@ def write_results(args: argparse.Namespace, meta: dict, rows: list[dict]) -> Non
         for r in rows:
             if r is not base and r["status"] == "ok":
                 worst = max(abs(x - y) / abs(y) for x, y in zip(r["losses"], base["losses"]))
-                lines.append(f"\n{r['run']}: per-step losses within {worst:.1e} relative of (a) over {len(r['losses'])} steps.")
+                lines.append(
+                    f"\n{r['run']}: per-step losses within {worst:.1e} relative of (a) over {len(r['losses'])} steps."
+                )
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

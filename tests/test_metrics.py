@@ -91,3 +91,14 @@ def test_moe_flops_count_active_experts_only():
     per_layer = 4 * (2 * 8 * 16 + 16 * 8)
     assert inactive_expert_parameters(experts) == 2 * per_layer // 2
     assert count_parameters(model) - inactive_expert_parameters(experts) < count_parameters(model)
+
+
+def test_attention_length_of_packed_micro_batches():
+    """Packed samples attend within themselves: S = Σ s_i² / T, the padding segment left out."""
+    from veomni_lightning.modules.metrics import attention_length
+
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    packed = {"input_ids": ids, "cu_seqlens": torch.tensor([0, 4, 10, 16], dtype=torch.int32), "num_tokens": 10}
+    assert attention_length(packed) == (4 * 4 + 6 * 6) / 16
+    full = {"input_ids": ids, "cu_seqlens": torch.tensor([0, 16], dtype=torch.int32), "num_tokens": 16}
+    assert attention_length(full) == 16 == attention_length({"input_ids": ids})

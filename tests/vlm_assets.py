@@ -147,11 +147,12 @@ def speech_file() -> Path:
     return path
 
 
-def write_speech_clip(path: Path, start_s: float, seconds: float) -> Path:
-    """An excerpt of :func:`speech_file` as its own WAV file (the whole recording is 11 s: too long for tiny tests)."""
+def write_speech_clip(path: Path, start_s: float, seconds: float, source: Path | None = None) -> Path:
+    """An excerpt of ``source`` (default :func:`speech_file`) as its own WAV file (the whole recording is 11 s: too
+    long for tiny tests)."""
     import wave
 
-    with wave.open(str(speech_file())) as src:
+    with wave.open(str(source or speech_file())) as src:
         rate = src.getframerate()
         src.setpos(int(start_s * rate))
         frames = src.readframes(int(seconds * rate))
@@ -162,21 +163,23 @@ def write_speech_clip(path: Path, start_s: float, seconds: float) -> Path:
     return path
 
 
-def save_tiny_omni_folder(folder: Path, text_file: Path, family: str = "qwen2_5_omni") -> Path:
-    """An omni thinker folder (``qwen2_5_omni`` or the MoE ``qwen3_omni_moe``): tiny config.json + the family's real
-    processor (Qwen2-VL / Qwen3-VL image and video processors, a Whisper feature extractor, a BPE tokenizer with the
-    omni special tokens); no weights."""
+def save_tiny_omni_folder(folder: Path, text_file: Path, family: str = "qwen2_5_omni", mel_bins: int = MEL_BINS,
+                          config_overrides: dict | None = None) -> Path:  # fmt: skip
+    """An omni thinker folder (``qwen2_5_omni`` or the MoE ``qwen3_omni_moe``): tiny config.json (or the shape in
+    ``config_overrides``: ``text_config`` / ``vision_config`` / ``audio_config`` dicts) + the family's real processor
+    (Qwen2-VL / Qwen3-VL image and video processors, a Whisper feature extractor with ``mel_bins``, a BPE tokenizer
+    with the omni special tokens); no weights."""
     from transformers import AutoConfig, Qwen2VLImageProcessor, WhisperFeatureExtractor
 
     tok = train_tokenizer(text_file, special=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *OMNI_TOKENS.values()],
                           chat_template=OMNI_CHAT_TEMPLATE, extra_special_tokens=OMNI_TOKENS)  # fmt: skip
-    audio = WhisperFeatureExtractor(feature_size=MEL_BINS, sampling_rate=16000)
+    audio = WhisperFeatureExtractor(feature_size=mel_bins, sampling_rate=16000)
     token = tok.convert_tokens_to_ids
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})  # fmt: skip
-    encoder = dict(num_mel_bins=MEL_BINS, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+    encoder = dict(num_mel_bins=mel_bins, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
                    output_dim=64, max_source_positions=1500)  # fmt: skip
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, spatial_merge_size=2,
                   temporal_patch_size=2)  # fmt: skip
@@ -213,6 +216,8 @@ def save_tiny_omni_folder(folder: Path, text_file: Path, family: str = "qwen2_5_
     ids = dict(zip(names, (token("<|AUDIO|>"), token("<|IMAGE|>"), token("<|VIDEO|>"))))
     ids.update(vision_start_token_id=token("<|vision_bos|>"), vision_end_token_id=token("<|vision_eos|>"),
                audio_start_token_id=token("<|audio_bos|>"), audio_end_token_id=token("<|audio_eos|>"))  # fmt: skip
+    for part, values in (config_overrides or {}).items():
+        {"text_config": text, "vision_config": vision, "audio_config": encoder}[part].update(values)
     config = AutoConfig.for_model(f"{family}_thinker", text_config=text, vision_config=vision, audio_config=encoder,
                                   **ids)  # fmt: skip
     config.save_pretrained(folder)

@@ -47,7 +47,7 @@ def rope_index_of(folder: str) -> Any:
     config = getattr(config, "thinker_config", config)  # a full omni folder: the thinker computes the positions
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    inner = getattr(model, "model", model)
+    inner = model.model if hasattr(getattr(model, "model", None), "get_rope_index") else model
     if not hasattr(inner, "get_rope_index"):
         raise ConfigError(
             f"{type(model).__name__} has no get_rope_index: the VLM data pipeline needs the model's 3-D positions."

@@ -127,7 +127,10 @@ class TransformersAdapter(ModelAdapter):
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         # transformers declares the module classes that must not be split across devices; for decoders and towers
         # those are the layers, exactly the unit FSDP should shard and checkpointing should recompute.
-        names = getattr(model, "_no_split_modules", None) or []
+        # Every sub-model's list: a composite model may list only its encoders (the Qwen2.5-Omni thinker before
+        # transformers 5.23), whose own lists name their layers.
+        names = {n for m in model.modules() for n in (getattr(type(m), "_no_split_modules", None) or [])}
+        names |= set(getattr(model, "_no_split_modules", None) or [])
         blocks = blocks_by_class_name(model, names)
         if not blocks:
             raise ValueError(

@@ -31,11 +31,14 @@ __all__ = ["VisionLanguageAdapter", "VisionLanguageWithLoss"]
 
 @dataclass(frozen=True)
 class VisionLanguageAdapter:
-    """Where a Qwen-VL style model keeps its parts (Qwen2-VL, Qwen2.5-VL, Qwen3-VL share these names).
+    """Where a Qwen-VL style model keeps its parts (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and the Qwen-Omni thinkers share
+    these names).
 
-    ``inner``: the model under the LM head (``model.model``), holding ``visual`` (the tower: ``merger`` projects to
-    the LM width), ``language_model`` (the decoder) and ``get_rope_index``; the config's ``image_token_id`` /
-    ``video_token_id`` are the placeholders the features replace.
+    ``inner``: the module holding ``visual`` (the tower: ``merger`` projects to the LM width), ``audio_tower`` (omni),
+    the decoder and ``get_rope_index``: the model under the LM head (``model.model``), or the model itself where the
+    towers sit beside the LM head (the Qwen2.5-Omni thinker before transformers 5.23, whose decoder is ``model``).
+    The config's ``image_token_id`` / ``video_token_id`` / ``audio_token_id`` are the placeholders the features
+    replace.
     """
 
     tower: str = "visual"
@@ -44,8 +47,14 @@ class VisionLanguageAdapter:
     audio: str = "audio_tower"
 
     def inner(self, hf_model: nn.Module) -> nn.Module:
-        """The model under the LM head (tower, decoder, ``get_rope_index``)."""
-        return hf_model.model
+        """The module holding the towers, the decoder and ``get_rope_index``."""
+        inner = getattr(hf_model, "model", None)
+        return inner if inner is not None and hasattr(inner, self.tower) else hf_model
+
+    def language_model(self, hf_model: nn.Module) -> nn.Module:
+        """The decoder (the layers under the LM head)."""
+        decoder = getattr(self.inner(hf_model), self.decoder, None)
+        return decoder if decoder is not None else hf_model.model
 
     def vision_tower(self, hf_model: nn.Module) -> nn.Module:
         """The vision encoder (patch embedding, blocks, merger)."""
@@ -173,7 +182,7 @@ class VisionLanguageWithLoss(nn.Module):
         super().__init__()
         self.hf_model = hf_model
         self.adapter = adapter
-        decoder = getattr(adapter.inner(hf_model), adapter.decoder)
+        decoder = adapter.language_model(hf_model)
         self.lm = CausalLMWithLoss(hf_model, ce_chunk_size=ce_chunk_size, decoder=decoder)
 
     def vision_features(

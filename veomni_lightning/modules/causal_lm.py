@@ -24,6 +24,7 @@ from veomni_lightning.models.adapters import find_experts
 from veomni_lightning.models.causal_lm import CausalLMWithLoss, check_supported_causal_lm
 from veomni_lightning.modules.base import Backbone, StepResult, TrainingModule
 from veomni_lightning.modules.metrics import (
+    attention_length,
     count_parameters,
     expert_load_metrics,
     flops_per_token,
@@ -145,7 +146,7 @@ class CausalLMModule(TrainingModule):
         return flops_per_token(
             hf_model.config,
             count_parameters(hf_model) - inactive_expert_parameters(self.experts),
-            micro_batch["input_ids"].shape[-1],
+            attention_length(micro_batch),
             embedding_params=input_embedding_parameters(hf_model),
         )
 

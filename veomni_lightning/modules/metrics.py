@@ -7,8 +7,9 @@ MFU formula (the one quoted in the README and the benchmark tables)::
 
 with P the parameter count, E the input-embedding table (a lookup, no matmul: it costs no FLOPs) — except when the
 embeddings are tied to the lm_head, where the one shared matrix is counted once, as the lm_head, and E = 0 —, L
-layers, H attention heads, D head dim, S the packed sequence length (tokens per micro-batch before SP slicing), and
-the peak the GPU's dense bf16 throughput (989 TFLOP/s for H100/H200 SXM). The attention term counts full
+layers, H attention heads, D head dim, S the attention length per token: for a micro-batch of packed samples of
+lengths s_i in T tokens, ``S = Σ s_i² / T`` (each sample attends within itself; the padding segment is left out;
+one unpacked sequence gives S = T), and the peak the GPU's dense bf16 throughput (989 TFLOP/s for H100/H200 SXM). The attention term counts full
 (non-causal) attention, as the PaLM/Megatron convention does. MoE families count active experts only: P leaves out
 the ``1 − k/E`` share of every expert weight that a token does not use (k experts per token of E; the router and
 any shared experts stay in P); families with encoders add their encoder FLOPs and state the formula.
@@ -26,6 +27,7 @@ __all__ = [
     "inactive_expert_parameters",
     "input_embedding_parameters",
     "flops_per_token",
+    "attention_length",
     "device_peak_tflops",
     "ThroughputMeter",
     "expert_load_metrics",
@@ -85,6 +87,20 @@ def flops_per_token(config, num_params: int, seq_len: int, embedding_params: int
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return 6.0 * (num_params - embedding_params) + 12.0 * text.num_hidden_layers * heads * head_dim * seq_len
+
+
+def attention_length(micro_batch: dict) -> float:
+    """``S = Σ s_i² / T`` of a packed micro-batch (see the module doc): from its ``cu_seqlens`` (one device read the
+    first time MFU is computed) and ``num_tokens``; ``T`` when the micro-batch carries no segments."""
+    total = micro_batch["input_ids"].shape[-1]
+    cu = micro_batch.get("cu_seqlens")
+    if cu is None:
+        return float(total)
+    lengths = [int(b - a) for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:])]
+    real = int(micro_batch.get("num_tokens", total))
+    if real < total and lengths and sum(lengths[:-1]) == real:
+        lengths = lengths[:-1]  # the trailing padding segment does no useful work
+    return sum(n * n for n in lengths) / total
 
 
 def device_peak_tflops(device: torch.device) -> float | None:

@@ -17,7 +17,12 @@ from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import TransformersAdapter, build_model_on_meta, model_config_and_weights
 from veomni_lightning.models.vision_language import VisionLanguageAdapter, VisionLanguageWithLoss
 from veomni_lightning.modules.base import Backbone, TrainingModule
-from veomni_lightning.modules.metrics import count_parameters, flops_per_token, input_embedding_parameters
+from veomni_lightning.modules.metrics import (
+    attention_length,
+    count_parameters,
+    flops_per_token,
+    input_embedding_parameters,
+)
 from veomni_lightning.parallel.attention import ENCODER_ATTENTION
 from veomni_lightning.parallel.reductions import split_groups
 
@@ -135,12 +140,12 @@ class VLMModule(TrainingModule):
         the first micro-batch, so the logged MFU is approximate when the share of pictures varies.
         """
         hf_model = self.model.hf_model
-        decoder = self.adapter.inner(hf_model).language_model
+        decoder = self.adapter.language_model(hf_model)
         tokens = micro_batch["input_ids"].shape[-1]
         language = flops_per_token(
             hf_model.config.text_config,
             count_parameters(decoder) + count_parameters(hf_model.lm_head),
-            tokens,
+            attention_length(micro_batch),
             embedding_params=input_embedding_parameters(hf_model),
         )
         patches = sum(micro_batch[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in micro_batch)
