@@ -166,7 +166,10 @@ def test_export_loads_in_diffusers_and_runs_in_wan_pipeline(dit_assets, tmp_path
     exported = module.export_hf(str(tmp_path / "transformer"))
     reloaded = WanTransformer3DModel.from_pretrained(exported).eval()
     generator = torch.Generator().manual_seed(2)
-    latents, text = torch.randn(1, 4, 2, 4, 6, generator=generator), torch.randn(1, TEXT_LENGTH, 32, generator=generator)
+    latents, text = (
+        torch.randn(1, 4, 2, 4, 6, generator=generator),
+        torch.randn(1, TEXT_LENGTH, 32, generator=generator),
+    )
     with torch.no_grad():
         want = module.model.transformer(hidden_states=latents, timestep=torch.tensor([500.0]),
                                         encoder_hidden_states=text).sample  # fmt: skip
@@ -224,3 +227,85 @@ def test_long_prompts_are_truncated_and_counted_when_asked(dit_assets, tmp_path)
     micro_batch = dm.micro_batch(0)
     assert micro_batch["input_ids"].shape == (1, TEXT_LENGTH) and bool(micro_batch["attention_mask"].all())
     assert dm.stats["truncated_prompts"] == 1
+
+
+# ------------------------------------------------------------------------------------------ latent cache
+def _fit_rows(rank: int, world: int, assets: dict, cache: str | None) -> dict:
+    """Two optimizer steps on the rows through the real data module, from raw clips or a latent cache."""
+    import lightning.pytorch as pl
+    from e2e_helpers import MetricsRecorder
+
+    from veomni_lightning.data import DiTDataModule
+    from veomni_lightning.modules import DiTModule
+    from veomni_lightning.parallel import ParallelConfig
+    from veomni_lightning.strategies import VeOmniStrategy
+
+    data = DiTDataModule(assets["data"], str(Path(assets["model"]) / "tokenizer"), grad_accum_steps=2 // world,
+                         latent_cache=cache, rows_per_shard=2, **CLIPS)  # fmt: skip
+    recorder = MetricsRecorder()
+    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=VeOmniStrategy(parallel=ParallelConfig(param_dtype="fp32")),
+                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[recorder], log_every_n_steps=1)  # fmt: skip
+    trainer.fit(DiTModule(assets["model"], pretrained=False, learning_rate=1e-3), datamodule=data)
+    return {"losses": recorder.losses, "grad_norms": recorder.grad_norms, "cached": data.cache is not None}
+
+
+@pytest.mark.timeout(300)
+def test_latent_cache_mode_equals_raw_mode(dit_assets, tmp_path):
+    """Raw clips in one process, then a cache filled by 2 ranks and read by them (dp=2): the same losses."""
+    raw = run_distributed(_fit_rows, 1, dit_assets, None, init_process_group=False, timeout=240)[0]
+    cached = run_distributed(_fit_rows, 2, dit_assets, str(tmp_path / "cache"), init_process_group=False, timeout=240)
+    assert not raw["cached"] and all(r["cached"] for r in cached)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["manifest.json", "shard-00000.safetensors",
+                                                                       "shard-00001.safetensors"]  # fmt: skip
+    for result in cached:
+        assert_runs_equal(result, raw, 2, "cached dp2")
+
+
+def test_latent_cache_survives_an_interrupted_write_and_refuses_other_settings(dit_assets, tmp_path):
+    from veomni_lightning.data.latent_cache import LatentCache
+    from veomni_lightning.errors import ConfigError
+
+    def encoder(fail_at: int | None, calls: list):
+        def encode(row: int):
+            if row == fail_at:
+                raise KeyboardInterrupt  # the job dies while encoding the second shard
+            calls.append(row)
+            return torch.full((4, 1, 2, 2), float(row)), torch.full((3, 8), -float(row))
+
+        return encode
+
+    cache = LatentCache(tmp_path / "cache", {"rows": 5}, num_rows=5, rows_per_shard=2)
+    cache.check_manifest(create=True)
+    calls: list = []
+    with pytest.raises(KeyboardInterrupt):
+        cache.fill(encoder(3, calls), rank=0, world=1)
+    (tmp_path / "cache" / ".shard-00001.safetensors.0.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves
+    assert cache.missing_shards() == [1, 2] and calls == [0, 1, 2]
+    calls.clear()
+    assert cache.fill(encoder(None, calls), rank=0, world=1) == 2
+    assert calls == [2, 3, 4]  # only the missing shards are encoded again
+    latents, text = LatentCache(tmp_path / "cache", {"rows": 5}, num_rows=5, rows_per_shard=2).read(3)
+    assert latents.shape == (4, 1, 2, 2) and float(latents[0, 0, 0, 0]) == 3.0 and float(text[0, 0]) == -3.0
+    with pytest.raises(ConfigError, match=r"was built from other data or settings \(differs in \['rows'\]\)"):
+        LatentCache(tmp_path / "cache", {"rows": 6}, num_rows=5, rows_per_shard=2).check_manifest(create=True)
+
+
+@pytest.mark.timeout(300)
+def test_cli_tiny_wan_config_trains_with_sp2(tmp_path):
+    """The shipped tiny Wan config from the command line, over 2 processes with Ulysses SP."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cli = Path(sys.executable).parent / "veomni-lightning"
+    args = [str(cli), "fit", "--config", "configs/dit/wan_tiny_cpu.yaml", "--trainer.max_steps", "3",
+            "--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2",
+            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 3 and all(loss > 0 for loss in losses), losses

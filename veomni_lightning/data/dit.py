@@ -15,22 +15,27 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from veomni_lightning.errors import ConfigError
 
+from .latent_cache import LatentCache
 from .sources import DataError, RowLocation, resolve_path
 
 __all__ = ["DiTDataModule", "load_clip"]
 
 
-def load_clip(path: str, kind: str, *, fps: float, num_frames: int, max_pixels: int, size_multiple: int) -> torch.Tensor:
+def load_clip(
+    path: str, kind: str, *, fps: float, num_frames: int, max_pixels: int, size_multiple: int
+) -> torch.Tensor:
     """A clip as ``[3, F, H, W]`` float in ``[-1, 1]`` (``F = 4k + 1``); ``ValueError`` says what is wrong."""
     if kind == "image":
         from PIL import Image
@@ -55,20 +60,28 @@ def load_clip(path: str, kind: str, *, fps: float, num_frames: int, max_pixels: 
     return (frames / 127.5 - 1.0).clamp(-1.0, 1.0)
 
 
-class _Clips(Dataset):
-    """Step ``i`` of this dp rank: its ``grad_accum_steps`` micro-batches of the global step ``i``."""
+def _is_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~", "package:")) and not Path(spec).exists()
 
-    def __init__(self, module: DiTDataModule, steps: int) -> None:
-        self.module, self.steps = module, steps
 
-    def __len__(self) -> int:
-        return self.steps
+class _Clips(IterableDataset):
+    """This dp rank's steps in order, each its ``grad_accum_steps`` micro-batches of the global step.
 
-    def __getitem__(self, step: int) -> list[dict[str, Any]]:
+    Iterable, so Lightning adds no distributed sampler (the dp split is done here); loader workers take every
+    ``W``-th step and the loader interleaves them back in order.
+    """
+
+    def __init__(self, module: DiTDataModule, steps: int, start: int) -> None:
+        self.module, self.steps, self.start = module, steps, start
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         m = self.module
         per_step = m.dp_size * m.grad_accum_steps
-        first = step * per_step + m.dp_rank * m.grad_accum_steps
-        return [m.micro_batch(index) for index in range(first, first + m.grad_accum_steps)]
+        for step in range(self.start + worker, self.steps, workers):
+            first = step * per_step + m.dp_rank * m.grad_accum_steps
+            yield [m.micro_batch(index) for index in range(first, first + m.grad_accum_steps)]
 
 
 class DiTDataModule(pl.LightningDataModule):
@@ -76,7 +89,7 @@ class DiTDataModule(pl.LightningDataModule):
 
     Args:
         train_files: JSON Lines files of ``{"prompt", "video" | "image"}`` rows.
-        tokenizer: the text encoder's tokenizer folder (a diffusers Wan folder's ``tokenizer/``).
+        tokenizer: the text encoder's tokenizer: its folder, or a diffusers Wan folder or hub id (its ``tokenizer/``).
         grad_accum_steps: clips per optimizer step on each data-parallel rank (one clip per micro-batch).
         num_frames: the most frames kept per clip (``4k + 1`` are kept).
         fps: frames per second decoded from a video.
@@ -88,6 +101,10 @@ class DiTDataModule(pl.LightningDataModule):
         on_bad_row: ``error`` (names file, line and media path) or ``skip`` (counted in ``stats``).
         seed: the shuffle seed and the base of every sample's seed.
         num_epochs: passes over the rows (the order is reshuffled every epoch).
+        latent_cache: a folder for cached latents and text embeddings: at the start of ``fit`` the module's frozen
+            condition model fills what is missing (resumable), and training then reads it instead of decoding.
+        rows_per_shard: rows per cache shard.
+        num_workers: data loader worker processes (decoding clips).
     """
 
     def __init__(
@@ -105,6 +122,9 @@ class DiTDataModule(pl.LightningDataModule):
         on_bad_row: Literal["error", "skip"] = "error",
         seed: int = 0,
         num_epochs: int = 1000,
+        latent_cache: str | None = None,
+        rows_per_shard: int = 64,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("grad_accum_steps", grad_accum_steps), ("num_frames", num_frames),
@@ -121,6 +141,8 @@ class DiTDataModule(pl.LightningDataModule):
         self.rows: list[tuple[RowLocation, str, str, str]] = []  # (where, prompt, kind, media path)
         self.tokenizer: Any = None
         self.stats = {"skipped_rows": 0, "truncated_prompts": 0}
+        self.latent_cache, self.rows_per_shard, self.num_workers = latent_cache, rows_per_shard, num_workers
+        self.cache: LatentCache | None = None  # attached by DiTModule once the cache is filled
 
     def setup(self, stage: str | None = None) -> None:
         """Read and check the rows (media files must exist), load the tokenizer, find the dp rank and size."""
@@ -130,7 +152,13 @@ class DiTDataModule(pl.LightningDataModule):
             kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
             self.dp_size, self.dp_rank = int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
         if self.tokenizer is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_path(self.tokenizer_path))
+            path = Path(resolve_path(self.tokenizer_path)) if not _is_hub_id(self.tokenizer_path) else None
+            if path is None:  # a hub diffusers folder: its tokenizer/ subfolder
+                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, subfolder="tokenizer")
+            else:  # the tokenizer folder, or a diffusers folder holding one
+                self.tokenizer = AutoTokenizer.from_pretrained(
+                    path / "tokenizer" if (path / "tokenizer").is_dir() else path
+                )
         if not self.rows:
             self.rows = [row for path in self.train_files for row in self._read(resolve_path(path))]
             if not self.rows:
@@ -170,15 +198,31 @@ class DiTDataModule(pl.LightningDataModule):
         return torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
     def micro_batch(self, index: int) -> dict[str, Any]:
-        """The ``index``-th clip of the run: ``pixels [1, 3, F, H, W]``, prompt ``input_ids`` / ``attention_mask``
-        ``[1, text_length]``, ``sample_seed``; the row is named in any error."""
+        """The ``index``-th clip of the run with its ``sample_seed``: from the latent cache (``latents``,
+        ``text_embeds``) when one is attached, else the row decoded (:meth:`raw_row`)."""
         epoch, position = divmod(index, len(self.rows))
-        where, prompt, kind, media = self.rows[self.order(epoch)[position]]
+        row = self.order(epoch)[position]
+        seed = {"sample_seed": self.seed * 1_000_003 + index}
+        if self.cache is not None:
+            latents, text = self.cache.read(row)
+            return {"latents": latents.unsqueeze(0), "text_embeds": text.unsqueeze(0), **seed}
+        return {**self.raw_row(row), **seed}
+
+    def raw_row(self, row: int) -> dict[str, torch.Tensor]:
+        """Row ``row`` decoded: ``pixels [1, 3, F, H, W]`` and prompt ``input_ids`` / ``attention_mask``
+        ``[1, text_length]``; the row is named in any error."""
+        where, prompt, kind, media = self.rows[row]
         try:
             pixels = load_clip(media, kind, **self.clip_options)
         except Exception as error:  # PyAV / PIL raise many types: any means this file cannot be used
             raise DataError(f"{where}: cannot read {kind} {media}: {error}. Fix: replace or remove the file.") from None
-        return {"pixels": pixels.unsqueeze(0), **self.tokenize(prompt, where), "sample_seed": self.seed * 1_000_003 + index}
+        return {"pixels": pixels.unsqueeze(0), **self.tokenize(prompt, where)}
+
+    def cache_fingerprint(self) -> dict[str, Any]:
+        """What cached latents and text embeddings depend on (besides the condition model): rows and clip options."""
+        rows = [(str(where), prompt, kind, media) for where, prompt, kind, media in self.rows]
+        return {"rows": rows, "clip": self.clip_options, "text_length": self.text_length,
+                "truncate_prompts": self.truncate_prompts, "tokenizer": str(self.tokenizer_path)}  # fmt: skip
 
     def tokenize(self, prompt: str, where: RowLocation | str = "prompt") -> dict[str, torch.Tensor]:
         """Prompt tokens padded to ``text_length`` (an over-long prompt is an error unless ``truncate_prompts``)."""
@@ -193,8 +237,11 @@ class DiTDataModule(pl.LightningDataModule):
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def train_dataloader(self) -> DataLoader:
-        """Steps of this dp rank's clips (one list of ``grad_accum_steps`` micro-batches per optimizer step)."""
+        """Steps of this dp rank's clips (one list of ``grad_accum_steps`` micro-batches per optimizer step), from
+        the trainer's current step (a resumed run continues the sequence)."""
         if not self.rows:
             self.setup("fit")
         steps = self.num_epochs * len(self.rows) // (self.dp_size * self.grad_accum_steps)
-        return DataLoader(_Clips(self, steps), batch_size=None, shuffle=False)
+        start = int(self.trainer.global_step) if self.trainer is not None else 0
+        return DataLoader(_Clips(self, steps, start), batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False)  # fmt: skip

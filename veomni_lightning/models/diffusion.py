@@ -40,7 +40,9 @@ class FlowMatching:
         if self.sampling == "uniform":
             u = torch.rand((), generator=generator, dtype=torch.float64)
         else:
-            u = torch.sigmoid(torch.randn((), generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean)
+            u = torch.sigmoid(
+                torch.randn((), generator=generator, dtype=torch.float64) * self.logit_std + self.logit_mean
+            )
         sigma = float(self.shift * u / (1 + (self.shift - 1) * u))
         return sigma, torch.randn(latent_shape, generator=generator, dtype=torch.float32)
 

@@ -198,7 +198,9 @@ def _resolve_gguf(gguf_path: Path, original: str, cache_dir: str | None) -> Mode
     return ModelSource(folder=folder, has_weights=True, original=original, gguf_path=str(gguf_path))
 
 
-def _resolve_hub(model: str, cache_dir: str | None, weights: bool = True) -> ModelSource:
+def resolve_hub(model: str, cache_dir: str | None, weights: bool = True) -> ModelSource:
+    """Download hub repository ``model`` (configs, tokenizer files, and safetensors weights unless ``weights`` is
+    False) into the HF cache: global rank 0 first, then the others (a cache hit when the cache is shared)."""
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"] + (["*.safetensors"] if weights else [])
@@ -243,7 +245,7 @@ def resolve_model_source(
         return ModelSource(folder=str(path.resolve()), has_weights=_has_safetensors(path), original=original)
     if model.startswith(PACKAGE_PREFIX) or path.exists() or model.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{original!r} ({path}) is neither a model folder nor a .gguf file.")
-    return _resolve_hub(model, cache_dir, weights)
+    return resolve_hub(model, cache_dir, weights)
 
 
 def load_config(src: ModelSource | str, overrides: dict[str, Any] | None = None) -> Any:

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from veomni_lightning.data.latent_cache import LatentCache
 from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import DiffusersAdapter
 from veomni_lightning.models.diffusion import ConditionModel, DiTWithLoss, FlowMatching, latent_tokens
 from veomni_lightning.models.loading import params_on_meta
+from veomni_lightning.models.source import resolve_hub, run_on_rank0_then_share
 from veomni_lightning.modules.base import Backbone, TrainingModule
 from veomni_lightning.parallel.diffusion import split_wan_transformer
 from veomni_lightning.paths import resolve_path
@@ -63,10 +66,13 @@ class DiTModule(TrainingModule):
             raise ConfigError(f"flow_shift must be a positive number, got {flow_shift!r}.")
         self.schedule = FlowMatching(flow_shift, timestep_sampling, logit_mean, logit_std)
         self.condition: ConditionModel | None = None  # a plain holder: not a submodule, not in checkpoints
+        self._root: Path | None = None
 
     def _folder(self, part: str) -> Path:
-        folder = Path(resolve_path(self.hparams.model)) / part
-        if not (folder / "config.json").is_file() and part != "tokenizer":
+        if self._root is None:  # a local folder, a package: path, or a hub id (downloaded once, rank 0 first)
+            self._root = Path(resolve_model_source_folder(self.hparams.model))
+        folder = self._root / part
+        if part not in ("", "tokenizer") and not (folder / "config.json").is_file():
             raise ConfigError(
                 f"{folder} has no config.json. Fix: point model at a diffusers Wan folder (transformer/, vae/, "
                 "text_encoder/, tokenizer/, scheduler/)."
@@ -89,11 +95,13 @@ class DiTModule(TrainingModule):
         with params_on_meta():
             transformer = WanTransformer3DModel.from_config(config)
         split_wan_transformer(transformer, self.parallel_mesh.sp_group)
-        self._load_condition_model()
         weights = str(folder) if hp.pretrained else None
         return DiTWithLoss(transformer, self.schedule), [Backbone(transformer, DiffusersAdapter(), weights)]
 
-    def _load_condition_model(self) -> None:
+    def condition_model(self) -> ConditionModel:
+        """The frozen text encoder and VAE, loaded on first use (a run reading a latent cache never loads them)."""
+        if self.condition is not None:
+            return self.condition
         import transformers
         from diffusers import AutoencoderKLWan
 
@@ -106,6 +114,45 @@ class DiTModule(TrainingModule):
         for part in (text, vae):
             part.requires_grad_(False).eval().to(self.compute_device)
         self.condition = ConditionModel(text_encoder=text, vae=vae)
+        return self.condition
+
+    # ================================================================== latent cache
+    def on_fit_start(self) -> None:
+        """Fill and attach the data module's latent cache when it names one (before the first batch is read)."""
+        data = getattr(self.trainer, "datamodule", None)
+        if getattr(data, "latent_cache", None):
+            self.fill_latent_cache(data)
+
+    def fill_latent_cache(self, data: Any) -> LatentCache:
+        """Encode the rows the cache lacks with the frozen condition model, each rank its shards, then attach the
+        cache to ``data`` (a :class:`~veomni_lightning.data.DiTDataModule`). Collective when distributed."""
+        if not data.rows:
+            data.setup("fit")
+        fingerprint = {**data.cache_fingerprint(), "model": str(self._folder(""))}
+        cache = LatentCache(data.latent_cache, fingerprint, len(data.rows), data.rows_per_shard)
+        run_on_rank0_then_share(lambda: cache.check_manifest(create=True), "checking the latent cache")
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+        def encode_row(row: int) -> tuple[torch.Tensor, torch.Tensor]:
+            raw = {k: v.to(self.compute_device) for k, v in data.raw_row(row).items()}
+            latents, text = self.conditioning(raw)
+            return latents[0], text[0]
+
+        failure: BaseException | None = None
+        try:
+            cache.fill(encode_row, rank, world)
+        except Exception as error:  # reported on every rank below, so none waits for a rank that failed
+            failure = error
+        if distributed:
+            flag = torch.tensor([failure is not None], dtype=torch.float32, device=self.compute_device)
+            dist.all_reduce(flag)
+            if failure is None and flag.item():
+                raise RuntimeError("filling the latent cache failed on another rank (its error is in its log).")
+        if failure is not None:
+            raise failure
+        data.cache = cache
+        return cache
 
     def loss_counts(self, micro_batch: dict[str, Any]) -> dict[str, float]:
         return {"loss": 1}  # one clip: the global loss is the mean of the clips' mean squared errors
@@ -114,9 +161,9 @@ class DiTModule(TrainingModule):
         """``(latents, text embeddings)`` of a micro-batch: read from a latent cache, or encoded now."""
         if "latents" in micro_batch:
             return micro_batch["latents"], micro_batch["text_embeds"]
-        assert self.condition is not None
-        text = self.condition.encode_prompt(micro_batch["input_ids"], micro_batch["attention_mask"])
-        return self.condition.encode_video(micro_batch["pixels"]), text
+        condition = self.condition_model()
+        text = condition.encode_prompt(micro_batch["input_ids"], micro_batch["attention_mask"])
+        return condition.encode_video(micro_batch["pixels"]), text
 
     def loss_sums(self, micro_batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         latents, text = self.conditioning(micro_batch)
@@ -127,8 +174,19 @@ class DiTModule(TrainingModule):
         if "latents" in micro_batch:
             shape = tuple(micro_batch["latents"].shape)
         else:
-            vae = self.condition.vae.config
+            vae = self.condition_model().vae.config
             _, _, frames, height, width = micro_batch["pixels"].shape
             time, space = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
             shape = (1, 1, 1 + (frames - 1) // time, height // space, width // space)
         return latent_tokens(shape, self.model.transformer.config.patch_size)
+
+
+def resolve_model_source_folder(model: str) -> str:
+    """A local folder for ``model``: a folder, a ``package:`` path, or a hub id (a diffusers folder has no
+    top-level ``config.json``, so hub ids are fetched whole)."""
+    path = Path(resolve_path(model)) if model.startswith("package:") else Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if model.startswith(("/", ".", "~", "package:")):
+        raise ConfigError(f"model {model!r} is not a folder. Fix: a diffusers Wan folder or a hub id.")
+    return resolve_hub(model, None).folder
