@@ -126,3 +126,20 @@ def test_harness_plain_hf_lightning_and_ours_train_identically_on_real_text(tiny
         torch.testing.assert_close(torch.tensor(losses[run]), torch.tensor(losses["a"]), rtol=1e-4, atol=0)
     table = (tmp_path / "results" / "cpu.md").read_text()
     assert "| c:compile=0 | ours |" in table and "torch" in table and result["meta"]["device"] == "cpu"
+
+
+@pytest.mark.timeout(300)
+def test_dit_bench_plain_diffusers_and_ours_train_identically(tmp_path):
+    """``bench/dit_throughput.py`` end to end on the tiny shape (CPU, fp32): (a) and (c) give the same losses."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "dit_throughput.py"
+    proc = subprocess.run([sys.executable, str(script), "--shape", "wan-tiny", "--runs", "a", "c:compile=0",
+                           "--steps", "3", "--warmup", "1", "--out", str(tmp_path), "--name", "smoke"],
+                          capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    torch.testing.assert_close(torch.tensor(rows[1]["losses"]), torch.tensor(rows[0]["losses"]), rtol=1e-5, atol=0)

@@ -303,9 +303,13 @@ def test_cli_tiny_wan_config_trains_with_sp2(tmp_path):
     cli = Path(sys.executable).parent / "veomni-lightning"
     args = [str(cli), "fit", "--config", "configs/dit/wan_tiny_cpu.yaml", "--trainer.max_steps", "3",
             "--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2",
+            "--trainer.callbacks+=veomni_lightning.callbacks.HFExport",
             "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
     proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-4000:]
     with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and all(loss > 0 for loss in losses), losses
+    from diffusers import WanTransformer3DModel
+
+    assert WanTransformer3DModel.from_pretrained(tmp_path / "run" / "version_0" / "hf").config.num_layers == 2

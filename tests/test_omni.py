@@ -388,9 +388,16 @@ def test_cli_tiny_omni_config_trains_with_sp2(tmp_path):
     cli = Path(sys.executable).parent / "veomni-lightning"
     args = [str(cli), "fit", "--config", "configs/omni/qwen2_5_omni_tiny_cpu.yaml", "--trainer.max_steps", "3",
             "--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2",
+            "--trainer.callbacks+=veomni_lightning.callbacks.HFExport",
             "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
     proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-4000:]
     with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+    # HFExport wrote a thinker folder with the processor: plain transformers loads both.
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    export = tmp_path / "run" / "version_0" / "hf"
+    assert AutoProcessor.from_pretrained(export).audio_token == "<|AUDIO|>"
+    assert type(AutoModelForImageTextToText.from_pretrained(export)).__name__.startswith("Qwen2_5OmniThinker")

@@ -20,8 +20,9 @@ class HFExport(pl.Callback):
         overwrite: replace an existing non-empty ``dirpath``. Without it, a run whose export folder already holds
             files is refused at setup, before training, so a finished run's export is never replaced by accident.
 
-    The module must provide ``export_hf(out_dir, tokenizer=...)`` (every ``TrainingModule`` does). The tokenizer is
-    taken from the datamodule's ``tokenizer`` attribute when it has one, so the folder is ready for generation.
+    The module must provide ``export_hf(out_dir, tokenizer=...)`` (every ``TrainingModule`` does). The datamodule's
+    ``processor`` (multimodal) or ``tokenizer`` is saved beside the weights when it has one, so the folder is ready
+    for generation.
     """
 
     def __init__(self, dirpath: str | None = None, *, overwrite: bool = False) -> None:
@@ -54,8 +55,10 @@ class HFExport(pl.Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        data = trainer.datamodule
+        # A multimodal data module's processor (tokenizer + image/audio processors) is what a folder needs to be used.
+        processor = getattr(data, "processor", None) or getattr(data, "tokenizer", None)
         out = self.export_dir(trainer)
-        pl_module.export_hf(str(out), tokenizer=tokenizer)
+        pl_module.export_hf(str(out), tokenizer=processor)
         if trainer.is_global_zero:
             print(f"Exported the trained model to {out}")

@@ -159,9 +159,10 @@ class VLMModule(TrainingModule):
         """Training FLOPs of further encoders on the micro-batch (none for a vision-language model)."""
         return 0.0
 
-    def export_hf(self, out_dir: str, processor: Any | None = None) -> Any:
-        """Write a folder ``AutoModelForImageTextToText.from_pretrained`` loads (collective: every rank calls it)."""
-        return super().export_hf(out_dir, tokenizer=processor)
+    def export_hf(self, out_dir: str, processor: Any | None = None, tokenizer: Any | None = None) -> Any:
+        """Write a folder ``AutoModelForImageTextToText.from_pretrained`` loads, with the processor (or tokenizer)
+        saved beside it (collective: every rank calls it)."""
+        return super().export_hf(out_dir, tokenizer=processor if processor is not None else tokenizer)
 
 
 def _attention_heads(config: Any) -> int:
