@@ -160,7 +160,20 @@ def _check_train_tiny_omni(nb, out: Path) -> None:
     assert (out / "hf" / "config.json").is_file() and (out / "speech.png").stat().st_size > 0
 
 
+def _check_train_tiny_wan(nb, out: Path) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    losses = summary["losses"]
+    assert len(losses) == summary["steps"] and all(math.isfinite(x) and x > 0 for x in losses), losses
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"the tiny DiT did not learn: {losses}"
+    assert summary["sample_shape"] == [5, 48, 80, 3], summary
+    assert "manifest.json" in summary["cache_files"] and any(f.startswith("shard-") for f in summary["cache_files"])
+    pngs = [o for o in _outputs(nb, "display_data") if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 3, "expected the clip's frames, the loss curve and the sampled clip as inline pictures"
+    assert (out / "transformer" / "config.json").is_file()
+
+
 RESULT_CHECKS: dict[str, Callable] = {
+    "train_tiny_wan": _check_train_tiny_wan,
     "train_tiny_vlm": _check_train_tiny_vlm,
     "train_tiny_omni": _check_train_tiny_omni,
     "finetune_smollm2_news": _check_finetune_smollm2_news,
