@@ -44,3 +44,38 @@ def assert_runs_equal(got: dict, ref: dict, steps: int, label: str) -> None:
     torch.testing.assert_close(
         torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0, msg=label
     )
+
+
+def fit_from_cli(config: str, run_dir, *options: str) -> list[float]:
+    """``veomni-lightning fit --config <config>`` for 3 steps over 2 processes with sp=2 (plus ``options``); returns
+    the logged per-step losses (from ``<run_dir>/version_0/metrics.csv``)."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cli = Path(sys.executable).parent / "veomni-lightning"
+    args = [str(cli), "fit", "--config", config, "--trainer.max_steps", "3", "--trainer.devices", "2",
+            "--trainer.strategy.parallel.sp_size", "2", "--trainer.default_root_dir", str(run_dir), *options]  # fmt: skip
+    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with (Path(run_dir) / "version_0" / "metrics.csv").open() as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def assert_split_equals_whole(results: list[dict]) -> None:
+    """A module split over SP ranks equals the whole: each rank's ``split`` = ``(outputs, input grad, param grads)``
+    against rank 0's ``reference``; outputs equal on every rank, gradients summed over the ranks equal."""
+    ref_outputs, ref_input_grad, ref_grads = results[0]["reference"]
+    as_list = lambda x: x if isinstance(x, list) else [x]  # noqa: E731
+    for rank_result in results:
+        outputs = as_list(rank_result["split"][0])
+        assert len(outputs) == len(as_list(ref_outputs))
+        for got, want in zip(outputs, as_list(ref_outputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(r["split"][1] for r in results), ref_input_grad, rtol=1e-4, atol=1e-6)
+    assert ref_grads and set(ref_grads) == set(results[0]["split"][2])
+    for name, want in ref_grads.items():
+        torch.testing.assert_close(sum(r["split"][2][name] for r in results), want, rtol=1e-4, atol=1e-6, msg=name)

@@ -20,7 +20,7 @@ import torch
 from dist_utils import run_distributed
 from dit_assets import TEXT_LENGTH, save_tiny_wan_folder
 from e2e_helpers import lee_text_path
-from multimodal_runs import assert_runs_equal, fit_plan
+from multimodal_runs import assert_runs_equal, assert_split_equals_whole, fit_from_cli, fit_plan
 from vlm_assets import media_files
 
 GLOBAL_MICRO_BATCHES = 4
@@ -149,13 +149,7 @@ def _transformer_split(rank: int, world: int, assets: dict) -> dict:
 @pytest.mark.parametrize("world", [2, 3])
 def test_transformer_split_over_sp_ranks_equals_the_whole_transformer(dit_assets, world):
     results = run_distributed(_transformer_split, world, dit_assets, timeout=150)
-    ref_out, ref_input_grad, ref_grads = results[0]["reference"]
-    for rank_result in results:
-        torch.testing.assert_close(rank_result["split"][0], ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sum(r["split"][1] for r in results), ref_input_grad, rtol=1e-4, atol=1e-6)
-    assert ref_grads and set(ref_grads) == set(results[0]["split"][2])
-    for name, want in ref_grads.items():
-        torch.testing.assert_close(sum(r["split"][2][name] for r in results), want, rtol=1e-4, atol=1e-6, msg=name)
+    assert_split_equals_whole(results)
 
 
 def test_export_loads_in_diffusers_and_runs_in_wan_pipeline(dit_assets, tmp_path):
@@ -294,21 +288,9 @@ def test_latent_cache_survives_an_interrupted_write_and_refuses_other_settings(d
 @pytest.mark.timeout(300)
 def test_cli_tiny_wan_config_trains_with_sp2(tmp_path):
     """The shipped tiny Wan config from the command line, over 2 processes with Ulysses SP."""
-    import csv
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    cli = Path(sys.executable).parent / "veomni-lightning"
-    args = [str(cli), "fit", "--config", "configs/dit/wan_tiny_cpu.yaml", "--trainer.max_steps", "3",
-            "--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2",
-            "--trainer.callbacks+=veomni_lightning.callbacks.HFExport",
-            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
-    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    losses = fit_from_cli(
+        "configs/dit/wan_tiny_cpu.yaml", tmp_path / "run", "--trainer.callbacks+=veomni_lightning.callbacks.HFExport"
+    )
     assert len(losses) == 3 and all(loss > 0 for loss in losses), losses
     from diffusers import WanTransformer3DModel
 

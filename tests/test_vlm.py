@@ -20,7 +20,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 from e2e_helpers import lee_text_path
-from multimodal_runs import assert_runs_equal, fit_plan
+from multimodal_runs import assert_runs_equal, assert_split_equals_whole, fit_from_cli, fit_plan
 from vlm_assets import media_files, save_tiny_vlm_folder
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -90,8 +90,9 @@ def vlm_assets(tmp_path_factory) -> dict:
 
 def _runs(rank: int, world: int, assets: dict, layouts: list) -> dict:
     return {
-        f"{family}/{name}": fit_plan(rank, world, assets[family]["steps"], GLOBAL_MICRO_BATCHES, "VLMModule",
-                                     assets[family]["model"], sp, ac)  # fmt: skip
+        f"{family}/{name}": fit_plan(
+            rank, world, assets[family]["steps"], GLOBAL_MICRO_BATCHES, "VLMModule", assets[family]["model"], sp, ac
+        )  # fmt: skip
         for family, name, sp, ac in layouts
     }
 
@@ -257,20 +258,7 @@ def test_video_row_without_video_support_is_refused(vlm_assets, tmp_path):
 @pytest.mark.timeout(300)
 def test_cli_tiny_vlm_config_trains_with_sp2(tmp_path):
     """The shipped tiny Qwen3-VL config from the command line, over 2 processes with Ulysses SP."""
-    import csv
-    import os
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    cli = Path(sys.executable).parent / "veomni-lightning"
-    args = [str(cli), "fit", "--config", "configs/vlm/qwen3_vl_tiny_cpu.yaml", "--trainer.max_steps", "3",
-            "--trainer.devices", "2", "--trainer.strategy.parallel.sp_size", "2",
-            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
-    proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=280, env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
-        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    losses = fit_from_cli("configs/vlm/qwen3_vl_tiny_cpu.yaml", tmp_path / "run")
     assert len(losses) == 3 and losses[-1] < losses[0], losses
 
 
@@ -317,17 +305,7 @@ def test_vision_tower_split_over_sp_ranks_equals_the_whole_tower(vlm_assets, fam
     (and deepstack) features equal the unsplit tower's on every rank, and the parameter and pixel gradients summed
     over the ranks equal the unsplit ones."""
     results = run_distributed(_tower_split, 2, vlm_assets, family, timeout=150)
-    ref_outputs, ref_pixel_grad, ref_grads = results[0]["reference"]
-    for rank_result in results:
-        outputs, _, _ = rank_result["split"]
-        assert len(outputs) == len(ref_outputs)
-        for got, want in zip(outputs, ref_outputs):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    pixel_grad = sum(r["split"][1] for r in results)
-    torch.testing.assert_close(pixel_grad, ref_pixel_grad, rtol=1e-4, atol=1e-6)
-    for name, want in ref_grads.items():
-        got = sum(r["split"][2][name] for r in results)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+    assert_split_equals_whole(results)
 
 
 def test_mfu_flops_count_the_vision_tower(vlm_assets):
