@@ -221,7 +221,7 @@ class TransformersAdapter(ModelAdapter):
 
     def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
         """A folder ``from_pretrained`` loads; ``extras``: ``tokenizer`` (or processor) saved beside the weights."""
-        return export_hf_folder(model, out_dir, tokenizer=extras.get("tokenizer"))
+        return export_hf_folder(model, out_dir, tokenizer=extras.get("tokenizer"), transform=extras.get("transform"))
 
 
 class DiffusersAdapter(ModelAdapter):

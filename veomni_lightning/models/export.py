@@ -199,21 +199,29 @@ def write_folder_on_rank0(out_dir: str | os.PathLike, write: Callable[[Path], No
 
 
 def export_hf_folder(
-    model: nn.Module, out_dir: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str = "5GB"
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Export a transformers model (plain or FSDP2-sharded) to ``out_dir`` as a folder ``from_pretrained`` loads.
 
     Collective when ``torch.distributed`` is initialised: every rank must call it (the full state dict is gathered
     one tensor at a time to rank 0's CPU memory); rank 0 writes, the others wait and raise if rank 0 failed. Custom
     attention implementations are reset to ``"sdpa"`` in config.json and any ``quantization_config`` is dropped.
-    Writing is atomic: a failure leaves the previous ``out_dir`` untouched. Returns ``out_dir``.
+    Writing is atomic: a failure leaves the previous ``out_dir`` untouched. Returns ``out_dir``. ``transform`` maps
+    the gathered full state dict before it is written (rank 0).
 
     The weights are written in the checkpoint layout ``save_pretrained`` writes (transformers' weight conversion
     reverted: e.g. fused MoE experts back to one tensor per expert, the layout the hub and inference engines use).
     """
     from transformers.core_model_loading import revert_weight_conversion
 
-    state_dict = revert_weight_conversion(model, full_state_dict(model))
+    state_dict = full_state_dict(model)
+    if transform is not None:  # e.g. LoRA adapters merged into the weights they adapt
+        state_dict = transform(state_dict)
+    state_dict = revert_weight_conversion(model, state_dict)
 
     def write(tmp: Path) -> None:
         write_hf_folder(

@@ -213,8 +213,7 @@ def load_pretrained_weights(
 
     # name -> tensor for every parameter and persistent buffer; tied names share one tensor object.
     non_persistent = _non_persistent_buffer_names(model)
-    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    targets.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in non_persistent})
+    targets = _load_targets(model, non_persistent)
     groups: dict[int, list[str]] = {}
     for name, tensor in targets.items():
         groups.setdefault(id(tensor), []).append(name)
@@ -255,6 +254,17 @@ def load_pretrained_weights(
                 _copy_full_into(targets[key], f.get_tensor(key))
 
 
+def _load_targets(model: nn.Module, non_persistent: set[str]) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> tensor for every parameter and persistent buffer (tied names share one tensor object).
+
+    A layer wrapped by PEFT's LoRA keeps its weight one level down (``q_proj.base_layer.weight``); the checkpoint
+    holds it under the plain name (``q_proj.weight``).
+    """
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in non_persistent})
+    return {name.replace(".base_layer.", "."): tensor for name, tensor in targets.items()}
+
+
 def _load_converted(model: nn.Module, folder: Path, files: list[Path], transforms: list[Any]) -> None:
     """:func:`load_pretrained_weights` through transformers' key renamings and weight converters."""
     from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
@@ -263,8 +273,7 @@ def _load_converted(model: nn.Module, folder: Path, files: list[Path], transform
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     non_persistent = _non_persistent_buffer_names(model)
-    targets: dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    targets.update({n: b for n, b in model.named_buffers(remove_duplicate=False) if n not in non_persistent})
+    targets = _load_targets(model, non_persistent)
     prefix = getattr(model, "base_model_prefix", None)
 
     # Pass 1 (headers): where every model tensor comes from. direct: target -> (file, key); merged: target -> the
@@ -365,6 +374,7 @@ def init_random_weights(
     seed: int = 0,
     init_device: torch.device | str | None = None,
     fallback: Callable[[torch.Tensor], None] | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> None:
     """Randomly initialise a materialized (optionally FSDP2-sharded) model, one module at a time, layout-independent.
 
@@ -377,12 +387,15 @@ def init_random_weights(
     ``init_device`` defaults to the parameters' device; pass ``"cpu"`` for values identical on CPU and GPU runs.
     ``fill`` sees a module without children: an init that reaches into sub-modules from their parent (Qwen3-Omni's
     MoE block initialises its experts' weights) leaves them unset; ``fallback`` then fills each such tensor (same
-    seeded RNG), and without one this raises instead of training on uninitialised memory.
+    seeded RNG), and without one this raises instead of training on uninitialised memory. ``select(name)``: only the
+    modules it accepts (e.g. LoRA adapters after the base weights were loaded).
     """
     _check_materialized(model, "init_random_weights")
     first = next(iter(model.parameters()), None)
     device = torch.device(init_device) if init_device is not None else (first.device if first is not None else "cpu")
     for name, module in _post_order(model):
+        if select is not None and not select(name):
+            continue
         params = {k: p for k, p in module._parameters.items() if p is not None}
         buffers = {k: b for k, b in module._buffers.items() if b is not None}
         if not params and not buffers:

@@ -36,6 +36,15 @@ from torch import nn
 
 from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import ModelAdapter, materialize_model
+from veomni_lightning.models.export import full_state_dict, write_folder_on_rank0
+from veomni_lightning.models.lora import (
+    add_lora,
+    init_lora_weights,
+    lora_config,
+    lora_state_dict,
+    merge_lora,
+    write_peft_adapter,
+)
 from veomni_lightning.modules.metrics import ThroughputMeter, device_peak_tflops
 from veomni_lightning.parallel import ParallelConfig, ParallelMesh, all_reduce_sum, clip_grad_norm, parallelize_model
 from veomni_lightning.parallel.checkpointing import selective_checkpoint_context
@@ -83,6 +92,9 @@ class TrainingModule(pl.LightningModule):
         init_seed: seed of random init (same weights whatever the parallel layout).
         loss_weights: weight of each named loss in the objective (default: the family's ``default_loss_weights``).
         peak_tflops: the device's dense peak for MFU (default: known GPUs; MFU not logged otherwise).
+        lora: train LoRA adapters (PEFT) instead of the full model: ``{r: 16, alpha: 32, target_modules:
+            all-linear}`` (also ``dropout``, ``exclude_modules``); the base weights are frozen and left out of the
+            optimizer. See ``models/lora.py``.
     """
 
     #: The named losses a family returns, and their default weights in the objective.
@@ -101,8 +113,11 @@ class TrainingModule(pl.LightningModule):
         init_seed: int = 0,
         loss_weights: dict[str, float] | None = None,
         peak_tflops: float | None = None,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if lora is not None:
+            lora_config(lora)  # a bad option fails here, before any process group or model exists
         check_training_settings(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -204,6 +219,9 @@ class TrainingModule(pl.LightningModule):
         self.compute_device = _local_device(mesh)
         self.parallel_mesh = mesh or ParallelMesh.single_process(self.compute_device.type)
         root, backbones = self.build_model()
+        if self.hparams.get("lora") is not None:
+            # Inside the blocks, before FSDP2 wraps them: SP, EP and the sharding apply to the adapters unchanged.
+            self.lora_configs = [add_lora(b.module, self.hparams.lora) for b in backbones]
         per_backbone = [(b, self.blocks(b)) for b in backbones]
 
         selective = self.parallel_config.checkpoint_policy == "selective"
@@ -237,6 +255,8 @@ class TrainingModule(pl.LightningModule):
                 backbone.adapter.load_weights(backbone.module, backbone.weights)
             else:
                 backbone.adapter.init_random_weights(backbone.module, seed=self.hparams.init_seed + i)
+            if self.hparams.get("lora") is not None:
+                init_lora_weights(backbone.module, seed=self.hparams.init_seed + i)
         self.model, self.backbones, self.experts = root, backbones, experts
 
     # ================================================================== optimizer and schedule
@@ -410,7 +430,20 @@ class TrainingModule(pl.LightningModule):
         if self.model is None:
             raise RuntimeError("The model is built in configure_model(); nothing to export yet.")
         backbone = self.backbones[0]
+        if self.hparams.get("lora") is not None:  # the adapters merged in: a plain model folder
+            extras["transform"] = functools.partial(merge_lora, config=self.lora_configs[0])
         return backbone.adapter.export(backbone.module, out_dir, **extras)
+
+    def export_lora(self, out_dir: str) -> Path:
+        """Write the first backbone's LoRA adapters as a folder ``peft.PeftModel.from_pretrained(base, folder)``
+        loads (collective: every rank calls it; rank 0 writes, atomically)."""
+        if self.hparams.get("lora") is None:
+            raise ConfigError("export_lora: this module trains no LoRA adapters (set lora: {r: 16, ...}).")
+        backbone = self.backbones[0]
+        adapters = lora_state_dict(full_state_dict(backbone.module))
+        config = self.lora_configs[0]
+        base = str(self.hparams.get("model", "")) or None
+        return write_folder_on_rank0(out_dir, lambda tmp: write_peft_adapter(tmp, adapters, config, base))
 
     # ================================================================== helpers
     def _host_scalar(self, value: float) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""LoRA adapters through PEFT, added to a meta-built model before FSDP2 wraps its blocks.
+
+:func:`add_lora` injects PEFT's LoRA layers (``peft.inject_adapter_in_model``) into the model the family module
+built, freezes everything else, and tells the weight loader that the adapters are not in the checkpoint. The
+adapters live inside the same blocks, so FSDP2, Ulysses SP and the layout-independent init apply unchanged;
+:func:`init_lora_weights` gives them PEFT's initial values (A: Kaiming-uniform, B: zero, so training starts from
+the base model exactly). :func:`lora_state_dict` / :func:`write_peft_adapter` write a folder
+``peft.PeftModel.from_pretrained(base, folder)`` loads.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from veomni_lightning.errors import ConfigError
+from veomni_lightning.models.loading import init_random_weights
+
+__all__ = ["add_lora", "init_lora_weights", "is_lora_parameter", "lora_state_dict", "merge_lora", "write_peft_adapter"]
+
+_OPTIONS = {"r", "alpha", "target_modules", "dropout", "exclude_modules"}
+
+
+def is_lora_parameter(name: str) -> bool:
+    """Whether a parameter name belongs to a LoRA adapter."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def lora_config(options: dict[str, Any]) -> Any:
+    """A ``peft.LoraConfig`` from the module's ``lora`` option (``r``, ``alpha``, ``target_modules``, ...)."""
+    from peft import LoraConfig
+
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise ConfigError(f"lora options {unknown} are unknown. Fix: use {sorted(_OPTIONS)}.")
+    r = options.get("r", 16)
+    if not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"lora r must be a positive integer (the adapter rank, e.g. 16), got {r!r}.")
+    return LoraConfig(r=r, lora_alpha=options.get("alpha", 2 * r), target_modules=options.get("target_modules", "all-linear"),
+                      lora_dropout=options.get("dropout", 0.0), exclude_modules=options.get("exclude_modules"),
+                      bias="none")  # fmt: skip
+
+
+def add_lora(model: nn.Module, options: dict[str, Any]) -> Any:
+    """Inject LoRA adapters into ``model`` (on meta or materialised) and freeze every other parameter.
+
+    Returns the ``LoraConfig``. Target modules that match nothing are a ``ConfigError``.
+    """
+    from peft import inject_adapter_in_model
+
+    config = lora_config(options)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as error:  # PEFT: "Target modules ... not found in the base model"
+        raise ConfigError(f"lora target_modules {config.target_modules!r}: {error}".split("\n")[0]) from None
+    names = [n for n, _ in model.named_parameters() if is_lora_parameter(n)]
+    if not names:
+        raise ConfigError(f"lora target_modules {config.target_modules!r} matched no layer of {type(model).__name__}.")
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_parameter(name))
+    # The checkpoint holds the base model only: the loader must not ask for the adapters.
+    ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    model._keys_to_ignore_on_load_missing = [*ignore, r".*\.lora_[AB]\..*"]
+    return config
+
+
+def init_lora_weights(model: nn.Module, seed: int) -> None:
+    """PEFT's initial adapter values, layout-independent: A Kaiming-uniform (``a = √5``), B zero."""
+
+    def fill(name: str, module: nn.Module, tmp: nn.Module) -> None:
+        weight = tmp._parameters["weight"]
+        with torch.no_grad():
+            if ".lora_B." in f"{name}.":
+                weight.zero_()
+            else:
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+    init_random_weights(
+        model, fill, seed=seed, select=lambda name: ".lora_A." in f"{name}." or ".lora_B." in f"{name}."
+    )
+
+
+def lora_state_dict(full_state: dict[str, torch.Tensor], adapter: str = "default") -> dict[str, torch.Tensor]:
+    """The adapters of a full state dict under PEFT's saved names (``base_model.model.<name>``, no adapter name)."""
+    return {
+        "base_model.model." + name.replace(f".{adapter}.", "."): tensor
+        for name, tensor in full_state.items()
+        if is_lora_parameter(name)
+    }
+
+
+def write_peft_adapter(folder: Path, adapters: dict[str, torch.Tensor], config: Any, base_name: str | None) -> None:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` in ``folder`` (the layout ``PeftModel`` reads)."""
+    from safetensors.torch import save_file
+
+    config.base_model_name_or_path = base_name
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in adapters.items()}, str(folder / "adapter_model.safetensors"))
+
+
+def merge_lora(state: dict[str, torch.Tensor], config: Any, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """A full state dict with every adapter merged into the weight it adapts (``W + α/r · B·A``) under the plain
+    model's names (PEFT's ``base_layer`` level removed): what ``from_pretrained`` without PEFT loads."""
+    scale = config.lora_alpha / config.r
+    merged = {name.replace(".base_layer.", "."): t for name, t in state.items() if not is_lora_parameter(name)}
+    suffix = f".lora_A.{adapter}.weight"
+    for name, a in state.items():
+        if name.endswith(suffix):
+            prefix = name[: -len(suffix)]
+            b = state[f"{prefix}.lora_B.{adapter}.weight"]
+            weight = merged[f"{prefix}.weight"]
+            merged[f"{prefix}.weight"] = (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
+    return merged
