@@ -19,7 +19,8 @@ Examples::
     python bench/text_throughput.py --shape qwen3-1.7b --runs a c c:compile=0          # (c) with/without compile
 
 A run is ``a``, ``b`` or ``c``, optionally with overrides ``:key=value`` (keys: ac, compile, reshard, ce_chunk, sp,
-dtype, ac_frac, ac_policy (full / selective), attn: an attention registered by veomni-lightning, expandable: the allocator's expandable segments for
+dtype, ac_frac, ac_policy (full / selective), ac_budget (the compiler's activation memory budget, 0-1), attn: an
+attention registered by veomni-lightning, expandable: the allocator's expandable segments for
 (a)/(b), which (c) turns on by itself). ``--data text`` packs a real text file through a tokenizer instead of the default synthetic stream (random
 token ids, one document per sequence, so attention costs what the MFU formula counts).
 """
@@ -77,6 +78,7 @@ OVERRIDE_KEYS = {
     "expandable": bool,
     "ac_frac": float,
     "ac_policy": str,
+    "ac_budget": float,
     "attn": str,
     "experts": str,
     "ep": int,
@@ -99,7 +101,11 @@ def parse_run(text: str, defaults: dict) -> dict:
         if (
             spec["sp"] != 1
             or spec["ep"] != 1
-            or any(k in pair for pair in pairs for k in ("compile", "reshard", "ce_chunk", "ac_frac", "ac_policy", "attn"))
+            or any(
+                k in pair
+                for pair in pairs
+                for k in ("compile", "reshard", "ce_chunk", "ac_frac", "ac_policy", "ac_budget", "attn")
+            )
         ):
             raise SystemExit(f"{text!r}: sp, ep, compile, reshard, ce_chunk, ac_frac and attn are settings of (c)")
         spec.update(compile=False, ce_chunk=None)

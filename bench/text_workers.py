@@ -280,6 +280,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
         activation_checkpointing=spec["ac"],
         checkpoint_fraction=spec["ac_frac"],
         checkpoint_policy=spec.get("ac_policy", "full"),
+        activation_memory_budget=spec.get("ac_budget"),
         reshard_after_forward=spec["reshard"],
         compile_blocks=spec["compile"],
     )

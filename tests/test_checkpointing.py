@@ -59,3 +59,18 @@ def test_checkpoint_policy_is_validated():
     assert ParallelConfig(activation_checkpointing=True, checkpoint_policy="selective").checkpoint_policy == "selective"
     with pytest.raises(ValueError, match="checkpoint_policy must be 'full' or 'selective'"):
         ParallelConfig(checkpoint_policy="some")
+
+
+def test_activation_memory_budget_needs_compiled_blocks_and_sets_the_partitioner(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    from veomni_lightning.parallel.fsdp import apply_compile
+
+    with pytest.raises(ValueError, match="set compile_blocks=true"):
+        ParallelConfig(activation_memory_budget=0.5)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        ParallelConfig(compile_blocks=True, activation_memory_budget=1.5)
+    monkeypatch.setattr(functorch_config, "activation_memory_budget", 1.0)
+    block = torch.nn.Linear(4, 4)
+    apply_compile([block], ParallelConfig(compile_blocks=True, activation_memory_budget=0.3).activation_memory_budget)
+    assert functorch_config.activation_memory_budget == 0.3

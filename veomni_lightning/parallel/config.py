@@ -51,6 +51,10 @@ class ParallelConfig:
             left out trades its activations' memory for one forward less.
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory (GPU training only).
         compile_blocks: ``torch.compile`` every block (fuses norms, RoPE, SwiGLU, residual adds; attention eager).
+        activation_memory_budget: with ``compile_blocks``, the share (0–1] of a compiled graph's activations its
+            partitioner may keep for backward; below 1 it recomputes the cheapest ops (by its FLOP estimate) until
+            the saved activations fit: checkpointing chosen by the compiler inside each block, with no extra forward.
+            Process-wide (``torch._functorch.config``); ``None`` leaves torch's default (1.0).
     """
 
     dp_replicate_size: int = 1
@@ -65,6 +69,7 @@ class ParallelConfig:
     checkpoint_fraction: float = 1.0
     cpu_offload: bool = False
     compile_blocks: bool = False
+    activation_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.checkpoint_fraction <= 1.0:
@@ -72,6 +77,11 @@ class ParallelConfig:
                 f"checkpoint_fraction must be in (0, 1], got {self.checkpoint_fraction}; to turn checkpointing off set "
                 "activation_checkpointing=false."
             )
+        if self.activation_memory_budget is not None:
+            if not 0.0 <= self.activation_memory_budget <= 1.0:
+                raise ValueError(f"activation_memory_budget must be in [0, 1], got {self.activation_memory_budget}.")
+            if not self.compile_blocks:
+                raise ValueError("activation_memory_budget applies to compiled blocks: set compile_blocks=true too.")
         if self.checkpoint_policy not in ("full", "selective"):
             raise ValueError(f"checkpoint_policy must be 'full' or 'selective', got {self.checkpoint_policy!r}")
         for name in ("param_dtype", "reduce_dtype"):

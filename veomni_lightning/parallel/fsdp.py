@@ -34,16 +34,22 @@ def checkpointed_share(blocks: list[nn.Module], fraction: float) -> list[nn.Modu
     return [b for i, b in enumerate(blocks) if int((i + 1) * fraction) != int(i * fraction)]
 
 
-def apply_compile(blocks: list[nn.Module]) -> None:
+def apply_compile(blocks: list[nn.Module], activation_memory_budget: float | None = None) -> None:
     """``torch.compile`` each block in place (``Module.compile``: parameter names stay unchanged).
 
     Inductor fuses the memory-bound ops around the matrix products (RMSNorm, RoPE, SwiGLU, residual adds, dtype
     casts) into a few Triton kernels and its partitioner recomputes cheap elementwise results in backward instead of
     saving them. Attention itself is a graph break (:func:`~veomni_lightning.parallel.attention.ulysses_attention`
     runs eagerly: varlen kernels, all-to-alls), so each block compiles to two graphs. FSDP2's hooks run outside the
-    compiled region, and checkpointing wraps the compiled call.
+    compiled region, and checkpointing wraps the compiled call. With ``activation_memory_budget`` the partitioner
+    keeps at most that share of each graph's activations and recomputes the rest in the backward graph.
     """
     import torch._dynamo
+    import torch._functorch.config
+
+    if activation_memory_budget is not None:
+        # Read when a graph is partitioned (its first call), so it must be set before then and stays process-wide.
+        torch._functorch.config.activation_memory_budget = activation_memory_budget
 
     # Every block is one more entry on the same code object; the default limit (8) would silently send the rest of
     # a 28-layer model back to eager.
@@ -132,7 +138,7 @@ def parallelize_model(
             raise ValueError("activation_checkpointing is on, but no checkpointing function was given for the blocks.")
         enable_checkpointing(checkpointed_share(blocks, config.checkpoint_fraction))
     if config.compile_blocks:
-        apply_compile(blocks)
+        apply_compile(blocks, config.activation_memory_budget)
     if ep_mesh is not None:
         apply_expert_parallel(list(experts), ep_mesh)
     if mesh is not None:
