@@ -79,6 +79,7 @@ OVERRIDE_KEYS = {
     "ac_frac": float,
     "ac_policy": str,
     "ac_budget": float,
+    "lora": int,
     "attn": str,
     "experts": str,
     "ep": int,
@@ -157,12 +158,14 @@ def launch(spec: dict, gpus: int, workdir: Path, log) -> dict:
     return {"status": "error", "error": f"worker exited with {proc.returncode} and no result (see the log)"}
 
 
-def compute_mfu(config, n_params: int, embedding_params: int, seq: int, tokens_per_s_per_gpu: float, device: str):
-    """MFU by ``veomni_lightning.modules.metrics.flops_per_token``; None on a GPU without a known bf16 peak."""
+def compute_mfu(config, n_params: int, embedding_params: int, seq: int, tokens_per_s_per_gpu: float, device: str,
+                adapter_params: int | None = None):  # fmt: skip
+    """MFU by ``veomni_lightning.modules.metrics.flops_per_token`` (``adapter_params``: the LoRA formula); None on a
+    GPU without a known bf16 peak."""
     from veomni_lightning.modules.metrics import flops_per_token
 
     peak = 989e12 if any(n in device for n in ("H100", "H200", "H800")) else None
-    fpt = flops_per_token(config, n_params, seq, embedding_params)
+    fpt = flops_per_token(config, n_params, seq, embedding_params, adapter_params)
     return fpt * tokens_per_s_per_gpu / peak if peak else None
 
 
@@ -179,7 +182,9 @@ def summarize(spec: dict, raw: dict, config, gpus: int, warmup: int) -> dict:
     rate = tokens_per_gpu_step / median
     return {**row, "device": raw["device"], "n_params": raw["n_params"], "embedding_params": raw["embedding_params"],
             "step_median_s": median, "step_min_s": min(times), "step_max_s": max(times), "tokens_per_s_per_gpu": rate,
-            "mfu": compute_mfu(config, raw["n_params"], raw["embedding_params"], spec["seq"], rate, raw["device"]),
+            "mfu": compute_mfu(config, raw["n_params"], raw["embedding_params"], spec["seq"], rate, raw["device"],
+                               raw.get("adapter_params") if spec.get("lora") else None),
+            "lora": spec.get("lora", 0), "adapter_params": raw.get("adapter_params"),
             "peak_mem_gib": raw["peak_mem_gib"],
             "peak_reserved_gib": raw["peak_reserved_gib"], "losses": raw["losses"]}  # fmt: skip
 
@@ -209,6 +214,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "over ranks; MFU = (6·(P − E) + 12·L·H·D·S) · tokens/s/GPU / peak, E the untied input-embedding table "
               "plus, for MoE, the expert weights a token does not use (1 − k/E of them; formula in "
               "`veomni_lightning/modules/metrics.py`)."]  # fmt: skip
+    if any(r.get("lora") for r in rows):
+        lines += ["", "LoRA rows (`lora=r`: rank r, alpha 2r, all linear layers; frozen base in bf16, adapters fp32): "
+                  "MFU by the FLOPs done, 4·(P − A − E) + 6·A + 12·L·H·D·S per token, A the adapter parameters (a "
+                  "frozen weight does its forward and input-gradient matmuls, no weight gradient)."]  # fmt: skip
     if meta.get("rescored"):
         lines += ["", f"MFU recomputed on {meta['rescored']} from the measured tokens/s in the JSON file by the rule "
                   "above (the JSON keeps the MFU of the rule at measurement time)."]  # fmt: skip
@@ -315,7 +324,7 @@ def main(argv: list[str] | None = None) -> Path:
     config = config_from_model_type(MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape])
     seqs = args.seqs or [args.seq]
     defaults = dict(model_type=MODEL_TYPES.get(args.shape, "qwen3"), overrides=SHAPES[args.shape], steps=args.steps, lr=args.lr, seed=args.seed,
-                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, ac_policy="full", attn="ulysses", ce_chunk=args.ce_chunk, sp=1, ep=1, experts="",
+                    ac=args.ac, compile=bool(args.compile), reshard=True, expandable=False, ac_frac=1.0, ac_policy="full", lora=0, attn="ulysses", ce_chunk=args.ce_chunk, sp=1, ep=1, experts="",
                     dtype=args.dtype, grad_accum=args.grad_accum, timeout=args.timeout)  # fmt: skip
     specs = [parse_run(r, defaults) for r in args.runs]
     name = args.name or f"text_{args.shape}_{'-'.join(map(str, seqs))}_{args.gpus}gpu"

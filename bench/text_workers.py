@@ -127,11 +127,14 @@ def run_plain_hf(spec: dict, stream: list[list[dict]]) -> dict:
     device = _device()
     model, init = _hf_model_on(device, spec, "sdpa")
     init()
+    if spec.get("lora"):
+        model = _plain_peft(model, spec)
     if spec["ac"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=spec["lr"], betas=BETAS, eps=EPS, weight_decay=0.0, fused=device.type == "cuda"
+        trainable, lr=spec["lr"], betas=BETAS, eps=EPS, weight_decay=0.0, fused=device.type == "cuda"
     )
     clock = StepClock(device)
     clock.mark()
@@ -143,11 +146,27 @@ def run_plain_hf(spec: dict, stream: list[list[dict]]) -> dict:
                 loss = _hf_loss(model, _to(mb, device), num_items)
             loss.backward()
             total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM, foreach=True)
+        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.mark(total)
     return {**_sizes(model), **_finish(clock, device)}
+
+
+def _plain_peft(model: torch.nn.Module, spec: dict) -> torch.nn.Module:
+    """What a PEFT user writes: the base in bf16 (``from_pretrained(..., dtype=bf16)``), ``get_peft_model`` with
+    LoRA on all linear layers (PEFT keeps the adapters in fp32), autocast for the matmuls."""
+    from peft import LoraConfig, get_peft_model
+
+    from veomni_lightning.models.lora import init_lora_weights
+
+    if spec["dtype"] == "bf16":
+        model.to(torch.bfloat16)
+    r = spec["lora"]
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
+    # Our adapter init (PEFT's scheme, seeded per layer name): the same starting adapters as (c), so losses compare.
+    init_lora_weights(model.get_base_model(), seed=spec["seed"])
+    return model
 
 
 # ------------------------------------------------------------------------------------------ Lightning data plumbing
@@ -271,6 +290,7 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
         init_seed=spec["seed"],
         ce_chunk_size=spec["ce_chunk"],
         attn_implementation=spec["attn"],
+        lora={"r": spec["lora"], "alpha": 2 * spec["lora"], "target_modules": "all-linear"} if spec.get("lora") else None,
     )
     parallel = ParallelConfig(
         sp_size=spec["sp"],
@@ -302,7 +322,8 @@ def _sizes(model: torch.nn.Module) -> dict[str, int]:
     )
 
     left_out = input_embedding_parameters(model) + inactive_expert_parameters(find_experts(model))
-    return {"n_params": count_parameters(model), "embedding_params": left_out}
+    return {"n_params": count_parameters(model), "embedding_params": left_out,
+            "adapter_params": count_parameters(model, trainable_only=True)}  # fmt: skip
 
 
 def _finish(clock: StepClock, device: torch.device) -> dict:

@@ -11,10 +11,14 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
 
 from veomni_lightning.models.export import apply_default_modes
 
-__all__ = ["write_atomically"]
+__all__ = ["load_trainable_checkpoint", "write_atomically"]
 
 
 def _remove(path: Path) -> None:
@@ -113,3 +117,35 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, rank: int, al
     _vote(
         all_ok, _attempt(swap) if rank == 0 else None, f"rank 0 failed to move the new checkpoint into place at {path}."
     )
+
+
+def load_trainable_checkpoint(
+    path: Path, model: nn.Module, optimizers: list[Any], names: set[str], weights_only: bool | None = None
+) -> dict[str, Any]:
+    """Load a sharded (DCP) checkpoint that holds only the ``names`` parameters (LoRA adapters) and the optimizers.
+
+    The layout Lightning's ``ModelParallelStrategy`` writes (``state_dict``, ``optimizer_<i>``, a metadata file); the
+    other parameters (the frozen base) keep what the module loaded at setup. Returns the metadata (loop state).
+    """
+    import torch.distributed.checkpoint as dcp
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {name: value for name, value in get_model_state_dict(model).items() if name in names}
+    if not state:
+        raise ValueError(f"{path}: the model has none of the parameters a trainable-only checkpoint holds.")
+    dcp.load({"state_dict": state}, checkpoint_id=path)
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+    for i, optimizer in enumerate(optimizers):
+        optim_state = {f"optimizer_{i}": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(optim_state, checkpoint_id=path)
+        set_optimizer_state_dict(
+            model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"], options=StateDictOptions(cpu_offload=True)
+        )
+    return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)

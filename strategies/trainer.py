@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
@@ -11,6 +12,7 @@ from typing_extensions import override
 
 from veomni_lightning.parallel import ParallelConfig
 
+from .checkpoint_io import load_trainable_checkpoint
 from .mesh_mixin import ParallelMeshMixin
 
 __all__ = ["VeOmniStrategy"]
@@ -77,3 +79,23 @@ class VeOmniStrategy(ParallelMeshMixin, ModelParallelStrategy):
         self._write_checkpoint_atomically(
             filepath, lambda tmp: super(VeOmniStrategy, self).save_checkpoint(checkpoint, tmp, storage_options)
         )
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = super().lightning_module_state_dict()
+        names = self._trainable_only_names()
+        return state if names is None else {k: v for k, v in state.items() if k in names}
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        names = self._trainable_only_names()
+        path = Path(self.broadcast(checkpoint_path))
+        if names is None or not path.is_dir():  # a full-file checkpoint: the module's strict_loading decides
+            return super().load_checkpoint(path, weights_only)
+        return load_trainable_checkpoint(path, self.model, self.optimizers, names, weights_only)
+
+    def _trainable_only_names(self) -> set[str] | None:
+        """The parameter names a trainable-only checkpoint holds, or None when the module saves everything."""
+        if not getattr(self.lightning_module, "checkpoints_trainable_only", False):
+            return None
+        return {name for name, param in self.model.named_parameters() if param.requires_grad}

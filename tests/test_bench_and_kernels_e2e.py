@@ -116,16 +116,23 @@ def test_harness_plain_hf_lightning_and_ours_train_identically_on_real_text(tiny
     out = text_throughput.main([
         "--shape", "tiny-text", "--seq", "256", "--steps", "6", "--warmup", "1", "--dtype", "fp32", "--lr", "1e-3",
         "--data", "text", "--text", tiny_assets["data"], "--tokenizer", tiny_assets["tokenizer"],
-        "--runs", "a", "b", "c:compile=0", "--out", str(tmp_path / "results"), "--name", "cpu",
+        "--runs", "a", "b", "c:compile=0", "a:lora=4", "c:compile=0:lora=4", "--out", str(tmp_path / "results"),
+        "--name", "cpu",
     ])  # fmt: skip
     result = json.loads(out.read_text())
-    assert [r["status"] for r in result["rows"]] == ["ok"] * 3, result["rows"]
+    assert [r["status"] for r in result["rows"]] == ["ok"] * 5, result["rows"]
     losses = {r["run"]: r["losses"] for r in result["rows"]}
     assert len(losses["a"]) == 6 and losses["a"][-1] < losses["a"][0]
     for run in ("b", "c:compile=0"):
         torch.testing.assert_close(torch.tensor(losses[run]), torch.tensor(losses["a"]), rtol=1e-4, atol=0)
+    # LoRA: plain PEFT + HF and ours train the same adapters (same init) identically, and only the adapters.
+    torch.testing.assert_close(torch.tensor(losses["c:compile=0:lora=4"]), torch.tensor(losses["a:lora=4"]), rtol=1e-4,
+                               atol=0)  # fmt: skip
+    assert losses["a:lora=4"][0] == pytest.approx(losses["a"][0], rel=1e-5) and losses["a:lora=4"][-1] != losses["a"][-1]
+    lora_rows = [r for r in result["rows"] if r["lora"]]
+    assert all(0 < r["adapter_params"] < r["n_params"] / 10 for r in lora_rows), lora_rows
     table = (tmp_path / "results" / "cpu.md").read_text()
-    assert "| c:compile=0 | ours |" in table and "torch" in table and result["meta"]["device"] == "cpu"
+    assert "LoRA rows" in table and "| c:compile=0 | ours |" in table and "torch" in table and result["meta"]["device"] == "cpu"
 
 
 @pytest.mark.timeout(300)

@@ -5,9 +5,15 @@
 * The adapter export loads with ``peft.PeftModel.from_pretrained(base, folder)`` and gives the module's logits; the
   merged export loads with plain ``from_pretrained`` and gives them too.
 * Bad options: a rank ≤ 0, target modules that match nothing, an unknown option — clear errors.
+* The frozen base is stored in the compute dtype (bf16), the adapters in fp32, and only they reach the optimizer.
+* Checkpoints hold the adapters and their optimizer state only, and resuming from one continues the loss curve.
+* An existing PEFT adapter folder loads (``adapter: <folder>``) and gives the logits it was saved with; options that
+  contradict it, or an adapter for another model, are clear errors.
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -47,12 +53,20 @@ def test_lora_under_dp2_sp2_and_dp2_times_sp2_equals_single_process(tiny_assets,
     assert single["losses"][-1] < single["losses"][0], single["losses"]
 
 
-def _built(assets: dict, **options):
+def _built(assets: dict, parallel=None, **options):
     from veomni_lightning.modules import CausalLMModule
 
     module = CausalLMModule(assets["qwen3"], **options)
-    module.setup_model(None, None)
+    module.setup_model(None, parallel)
     return module
+
+
+def _trained_b(module) -> None:
+    """Move every B away from zero, as training would, so the adapter changes the model."""
+    with torch.no_grad():
+        for name, param in module.model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
 
 
 def test_only_adapters_train_and_training_starts_from_the_base_model(tiny_assets):
@@ -78,10 +92,7 @@ def test_adapter_and_merged_exports_give_the_module_logits(tiny_assets, tmp_path
     from transformers import AutoModelForCausalLM
 
     module = _built(tiny_assets, lora=LORA)
-    with torch.no_grad():  # a trained adapter: B away from zero
-        for name, param in module.model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    _trained_b(module)
     ids = torch.randint(5, 200, (1, 16))
     with torch.no_grad():
         want = module.model.hf_model(input_ids=ids).logits
@@ -137,3 +148,74 @@ def test_cli_lora_option_trains_adapters_only(tmp_path):
     with (tmp_path / "run" / "version_0" / "metrics.csv").open() as f:
         losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
+
+
+def test_frozen_base_is_stored_in_the_compute_dtype_and_adapters_in_fp32(tiny_assets):
+    from veomni_lightning.parallel import ParallelConfig
+
+    module = _built(tiny_assets, ParallelConfig(param_dtype="bf16"), lora=LORA)
+    params = dict(module.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for n, p in params.items() if not p.requires_grad} == {torch.bfloat16}
+    hf = module.model.hf_model
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight  # the tied table stays one parameter
+    optimizer, _ = module.build_optimizer(10)
+    ids = torch.randint(5, 200, (1, 16))
+    hf(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"]]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for p in params.values() if p.requires_grad
+    )
+
+
+def _resume_worker(rank: int, world: int, assets: dict, ckpt_dir: str) -> dict:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    common = dict(devices=world, grad_accum=2, steps=4, module_options={"lora": LORA})
+    _, _, full, _ = fit_tiny(assets["qwen3"], assets["tokenizer"], assets["data"], save_every=2, ckpt_dir=ckpt_dir,
+                             **common)  # fmt: skip
+    ckpt = f"{ckpt_dir}/epoch=0-step=2.ckpt"
+    saved = sorted(FileSystemReader(ckpt).read_metadata().state_dict_metadata)
+    _, _, resumed, _ = fit_tiny(assets["qwen3"], assets["tokenizer"], assets["data"], ckpt_path=ckpt, **common)
+    return {"full": full, "resumed": resumed, "saved": saved}
+
+
+@pytest.mark.timeout(300)
+def test_adapter_only_checkpoint_resumes_the_same_loss_curve(tiny_assets, tmp_path):
+    results = run_distributed(_resume_worker, 2, tiny_assets, str(tmp_path / "ckpt"), init_process_group=False,
+                              timeout=240)  # fmt: skip
+    for r in results:
+        assert len(r["full"]) == 4 and len(r["resumed"]) == 2
+        torch.testing.assert_close(torch.tensor(r["resumed"]), torch.tensor(r["full"][2:]), rtol=1e-5, atol=0)
+    weights = [k for k in results[0]["saved"] if k.startswith("state_dict.")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights[:5]
+    assert any(k.startswith("optimizer_0.state.") and ".lora_" in k for k in results[0]["saved"])
+    assert not any("embed_tokens" in k or "base_layer" in k for k in results[0]["saved"])
+
+
+def test_existing_peft_adapter_loads_and_continues_training(tiny_assets, tmp_path):
+    from veomni_lightning.errors import ConfigError
+
+    trained = _built(tiny_assets, lora=LORA)
+    _trained_b(trained)
+    trained.export_lora(str(tmp_path / "adapter"))
+    ids = torch.randint(5, 200, (1, 16))
+    loaded = _built(tiny_assets, lora={"adapter": str(tmp_path / "adapter")})
+    assert loaded.lora_configs[0].r == LORA["r"] and loaded.lora_configs[0].lora_alpha == LORA["alpha"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.hf_model(input_ids=ids).logits,
+                                   trained.model.hf_model(input_ids=ids).logits, rtol=0, atol=0)  # fmt: skip
+    assert all(p.requires_grad == (".lora_" in n) for n, p in loaded.model.named_parameters())
+    with pytest.raises(ConfigError, match=r"lora r=8 contradicts the adapter"):
+        _built(tiny_assets, lora={"adapter": str(tmp_path / "adapter"), "r": 8})
+    with pytest.raises(ConfigError, match=r"is not a PEFT adapter folder"):
+        _built(tiny_assets, lora={"adapter": str(tmp_path)})
+    # A config that promises more adapters than its weights file holds (e.g. a file from another run).
+    _built(tiny_assets, lora={**LORA, "target_modules": ["q_proj"]}).export_lora(str(tmp_path / "narrow"))
+    config = json.loads((tmp_path / "narrow" / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "v_proj"]
+    (tmp_path / "narrow" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"does not fit this model: 4 adapters missing from the file"):
+        _built(tiny_assets, lora={"adapter": str(tmp_path / "narrow")})

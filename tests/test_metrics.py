@@ -55,7 +55,8 @@ def test_bench_counts_and_recomputed_qwen3_8b_mfu(monkeypatch):
     import text_workers
 
     _, model = _model("llama", tied=False)
-    assert text_workers._sizes(model) == {"n_params": count_parameters(model), "embedding_params": VOCAB * 32}
+    n = count_parameters(model)
+    assert text_workers._sizes(model) == {"n_params": n, "embedding_params": VOCAB * 32, "adapter_params": n}
     assert text_throughput.shape_parameters("qwen3-8b") == (8_190_735_360, 151_936 * 4096)
     assert text_throughput.shape_parameters("qwen3-1.7b")[1] == 0  # tied: unchanged by the rule
     result = REPO / "bench" / "results" / "issue3" / "h200x2_8b_8k.json"
@@ -102,3 +103,18 @@ def test_attention_length_of_packed_micro_batches():
     assert attention_length(packed) == (4 * 4 + 6 * 6) / 16
     full = {"input_ids": ids, "cu_seqlens": torch.tensor([0, 16], dtype=torch.int32), "num_tokens": 16}
     assert attention_length(full) == 16 == attention_length({"input_ids": ids})
+
+
+def test_lora_flops_count_frozen_weights_without_their_weight_gradient():
+    """LoRA: frozen weights do forward + input-gradient matmuls (4 per parameter per token), adapters 6."""
+    from veomni_lightning.models.lora import add_lora
+
+    config, model = _model("llama", tied=False)
+    frozen = count_parameters(model)
+    add_lora(model, {"r": 4, "target_modules": "all-linear"})
+    adapters = count_parameters(model, trainable_only=True)
+    assert adapters == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) > 0
+    assert count_parameters(model) == frozen + adapters
+    embedding = input_embedding_parameters(model)
+    got = flops_per_token(config, count_parameters(model), SEQ, embedding, adapter_params=adapters)
+    assert got == 4.0 * (frozen - embedding) + 6.0 * adapters + _attention(config)

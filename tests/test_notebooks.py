@@ -172,7 +172,20 @@ def _check_train_tiny_wan(nb, out: Path) -> None:
     assert (out / "transformer" / "config.json").is_file()
 
 
+def _check_lora_smollm2_news(nb, out: Path) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    val = summary["val_losses"]
+    assert len(summary["train_losses"]) == summary["steps"] and val[-1] < val[0] - 0.02, summary
+    assert 0 < summary["trainable_params"] < 0.1 * summary["total_params"], summary
+    assert summary["adapter_files"] == ["adapter_config.json", "adapter_model.safetensors"], summary
+    assert summary["adapter_mib"] < 20, summary  # the adapters only, not the 135M-parameter model
+    assert summary["peft_vs_merged_max_logit_difference"] < 1e-3 < summary["adapter_effect"], summary
+    assert summary["after"] == summary["after_merged"] and all(summary["before"] + summary["after"]), summary
+    assert any("image/png" in o.get("data", {}) for o in _outputs(nb, "display_data")), "no inline PNG plot"
+
+
 RESULT_CHECKS: dict[str, Callable] = {
+    "lora_smollm2_news": _check_lora_smollm2_news,
     "train_tiny_wan": _check_train_tiny_wan,
     "train_tiny_vlm": _check_train_tiny_vlm,
     "train_tiny_omni": _check_train_tiny_omni,

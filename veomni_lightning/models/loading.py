@@ -360,7 +360,9 @@ def _raise_load_problems(
 
 
 def _module_seed(seed: int, name: str) -> int:
-    # Stable across processes and Python runs (unlike hash()), and independent of the iteration order.
+    # Stable across processes and Python runs (unlike hash()), and independent of the iteration order. A layer that
+    # PEFT wrapped (``q_proj.base_layer``) gets the seed of the plain layer: LoRA on a random init adapts the same base.
+    name = name.replace(".base_layer", "")
     return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
 
 
@@ -424,7 +426,9 @@ def init_random_weights(
                     f"init_random_weights: initialising {name or 'root'} ({type(module).__name__}) failed ({exc}); "
                     f"the init probably reads sub-modules, which the temporary copy does not have."
                 ) from exc
-            untouched = [k for k in params if tmp._parameters[k].is_floating_point() and tmp._parameters[k].isnan().any()]
+            untouched = [
+                k for k in params if tmp._parameters[k].is_floating_point() and tmp._parameters[k].isnan().any()
+            ]
             if untouched and fallback is None:
                 raise RuntimeError(
                     f"init_random_weights: the init of {name or 'root'} ({type(module).__name__}) left {untouched} "

@@ -40,6 +40,7 @@ from veomni_lightning.models.export import full_state_dict, write_folder_on_rank
 from veomni_lightning.models.lora import (
     add_lora,
     init_lora_weights,
+    load_peft_adapter,
     lora_config,
     lora_state_dict,
     merge_lora,
@@ -93,8 +94,9 @@ class TrainingModule(pl.LightningModule):
         loss_weights: weight of each named loss in the objective (default: the family's ``default_loss_weights``).
         peak_tflops: the device's dense peak for MFU (default: known GPUs; MFU not logged otherwise).
         lora: train LoRA adapters (PEFT) instead of the full model: ``{r: 16, alpha: 32, target_modules:
-            all-linear}`` (also ``dropout``, ``exclude_modules``); the base weights are frozen and left out of the
-            optimizer. See ``models/lora.py``.
+            all-linear}`` (also ``dropout``, ``exclude_modules``; ``adapter: <folder>`` continues training a PEFT
+            adapter folder). The base weights are frozen, stored in the compute dtype and left out of the optimizer;
+            checkpoints hold the adapters and their optimizer state only. See ``models/lora.py``.
     """
 
     #: The named losses a family returns, and their default weights in the objective.
@@ -118,6 +120,8 @@ class TrainingModule(pl.LightningModule):
         super().__init__()
         if lora is not None:
             lora_config(lora)  # a bad option fails here, before any process group or model exists
+            # Checkpoints hold the adapters only (see checkpoints_trainable_only); a full-file one loads non-strictly.
+            self.strict_loading = False
         check_training_settings(
             learning_rate=learning_rate,
             weight_decay=weight_decay,
@@ -221,7 +225,8 @@ class TrainingModule(pl.LightningModule):
         root, backbones = self.build_model()
         if self.hparams.get("lora") is not None:
             # Inside the blocks, before FSDP2 wraps them: SP, EP and the sharding apply to the adapters unchanged.
-            self.lora_configs = [add_lora(b.module, self.hparams.lora) for b in backbones]
+            frozen_dtype = self.parallel_config.mixed_precision().param_dtype
+            self.lora_configs = [add_lora(b.module, self.hparams.lora, frozen_dtype) for b in backbones]
         per_backbone = [(b, self.blocks(b)) for b in backbones]
 
         selective = self.parallel_config.checkpoint_policy == "selective"
@@ -257,6 +262,8 @@ class TrainingModule(pl.LightningModule):
                 backbone.adapter.init_random_weights(backbone.module, seed=self.hparams.init_seed + i)
             if self.hparams.get("lora") is not None:
                 init_lora_weights(backbone.module, seed=self.hparams.init_seed + i)
+                if self.hparams.lora.get("adapter") is not None:
+                    load_peft_adapter(backbone.module, self.hparams.lora["adapter"])
         self.model, self.backbones, self.experts = root, backbones, experts
 
     # ================================================================== optimizer and schedule
@@ -420,6 +427,12 @@ class TrainingModule(pl.LightningModule):
         if n > 1:
             for name, mean in zip(self.loss_weights, means):
                 self.log(f"val/{name}", mean, sync_dist=False)
+
+    @property
+    def checkpoints_trainable_only(self) -> bool:
+        """Whether checkpoints hold only the trainable parameters and their optimizer state (LoRA: the frozen base
+        is loaded from ``model`` at setup, so a checkpoint is a few MB instead of the whole model)."""
+        return self.hparams.get("lora") is not None
 
     # ================================================================== export
     def export_hf(self, out_dir: str, **extras: Any) -> Path:

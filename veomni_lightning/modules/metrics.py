@@ -13,6 +13,9 @@ one unpacked sequence gives S = T), and the peak the GPU's dense bf16 throughput
 (non-causal) attention, as the PaLM/Megatron convention does. MoE families count active experts only: P leaves out
 the ``1 − k/E`` share of every expert weight that a token does not use (k experts per token of E; the router and
 any shared experts stay in P); families with encoders add their encoder FLOPs and state the formula.
+
+LoRA (frozen base, trained adapters of A parameters): a frozen weight does its forward and input-gradient matmuls
+but no weight gradient, so ``flops_per_token = 4 · (P − A − E) + 6 · A + 12 · L · H · D · S``.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ __all__ = [
 _PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Global number of parameters (sharded DTensors count their full size; shared tensors count once)."""
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Global number of parameters (sharded DTensors count their full size; shared tensors count once); with
+    ``trainable_only`` those with ``requires_grad``."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
-        if id(p) not in seen:
+        if id(p) not in seen and (p.requires_grad or not trainable_only):
             seen.add(id(p))
             total += p.numel()
     return total
@@ -77,16 +81,22 @@ def input_embedding_parameters(model: nn.Module) -> int:
     return embed.weight.numel()
 
 
-def flops_per_token(config, num_params: int, seq_len: int, embedding_params: int = 0) -> float:
+def flops_per_token(
+    config, num_params: int, seq_len: int, embedding_params: int = 0, adapter_params: int | None = None
+) -> float:
     """Training FLOPs per token by the formula in this module's docstring.
 
     ``num_params`` counts every parameter once; ``embedding_params`` is the untied input-embedding table
-    (:func:`input_embedding_parameters`), which is subtracted.
+    (:func:`input_embedding_parameters`), which is subtracted. ``adapter_params`` (LoRA: the trained adapters, all
+    other weights frozen) switches to the LoRA formula.
     """
     text = getattr(config, "text_config", config)
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 6.0 * (num_params - embedding_params) + 12.0 * text.num_hidden_layers * heads * head_dim * seq_len
+    attention = 12.0 * text.num_hidden_layers * heads * head_dim * seq_len
+    if adapter_params is None:
+        return 6.0 * (num_params - embedding_params) + attention
+    return 4.0 * (num_params - adapter_params - embedding_params) + 6.0 * adapter_params + attention
 
 
 def attention_length(micro_batch: dict) -> float:
