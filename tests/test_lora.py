@@ -219,3 +219,33 @@ def test_existing_peft_adapter_loads_and_continues_training(tiny_assets, tmp_pat
     (tmp_path / "narrow" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"does not fit this model: 4 adapters missing from the file"):
         _built(tiny_assets, lora={"adapter": str(tmp_path / "narrow")})
+
+
+MOE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                 tie_word_embeddings=True)  # fmt: skip
+
+
+def _moe_lora(rank: int, world: int, assets: dict, ep: int) -> dict:
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(assets["tokenizer"]))
+    options = {"pretrained": False, "config_overrides": {**MOE_SHAPE, "vocab_size": vocab}, "lora": LORA}
+    _, module, losses, norms = fit_tiny("qwen3_moe", assets["tokenizer"], assets["data"], devices=world, ep_size=ep,
+                                        grad_accum=4 // world, module_options=options)  # fmt: skip
+    trainable = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in module.model.named_parameters()
+                        if p.requires_grad})  # fmt: skip
+    return {"losses": losses, "grad_norms": norms, "trainable": trainable}
+
+
+@pytest.mark.timeout(300)
+def test_moe_lora_adapts_attention_not_experts_and_ep2_equals_one_process(tiny_assets):
+    """PEFT's all-linear would wrap the fused experts and the router (``target_parameters``); LoRA leaves them to
+    the experts function and the balancing loss, and expert parallelism is unchanged: ep=2 equals one process."""
+    single = run_distributed(_moe_lora, 1, tiny_assets, 1, init_process_group=False, timeout=240)[0]
+    assert single["trainable"] == ["k_proj", "o_proj", "q_proj", "v_proj"], single["trainable"]
+    for got in run_distributed(_moe_lora, 2, tiny_assets, 2, init_process_group=False, timeout=240):
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=0)
+        torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(single["grad_norms"]), rtol=1e-4,
+                                   atol=0)  # fmt: skip
+    assert single["losses"][-1] < single["losses"][0], single["losses"]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from veomni_lightning.errors import ConfigError
+from veomni_lightning.models.adapters import find_experts
 from veomni_lightning.models.loading import _copy_full_into, init_random_weights
 
 __all__ = [
@@ -102,6 +103,8 @@ def add_lora(model: nn.Module, options: dict[str, Any], frozen_dtype: torch.dtyp
     from peft import inject_adapter_in_model
 
     config = lora_config(options)
+    if find_experts(model):
+        _leave_experts_and_routers_alone(config, model)
     try:
         inject_adapter_in_model(config, model)
     except ValueError as error:  # PEFT: "Target modules ... not found in the base model"
@@ -117,6 +120,25 @@ def add_lora(model: nn.Module, options: dict[str, Any], frozen_dtype: torch.dtyp
     ignore = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
     model._keys_to_ignore_on_load_missing = [*ignore, r".*\.lora_[AB]\..*"]
     return config
+
+
+def _leave_experts_and_routers_alone(config: Any, model: nn.Module) -> None:
+    """Keep LoRA off the fused MoE experts and the routers: adapters on attention and dense / shared-expert layers.
+
+    For transformers v5 MoE models PEFT turns ``all-linear`` (and v4 expert names) into ``target_parameters`` on
+    the fused expert weights and the router (a ``ParamWrapper`` adding ``B·A`` to every expert each step). That
+    wrapper replaces the experts module our expert-parallel split and grouped-GEMM experts function work on, and a
+    router adapter would move the routing the balancing loss watches. The conversion is run here first (PEFT runs
+    it again on injection, with nothing left to convert) and its parameter targets are dropped.
+    """
+    from peft.utils.transformers_weight_conversion import (
+        convert_peft_config_for_transformers,
+        get_model_conversion_mapping,
+    )
+
+    if hasattr(getattr(model, "config", None), "model_type"):
+        convert_peft_config_for_transformers(config, model=model, conversions=get_model_conversion_mapping(model))
+    config.target_parameters = []
 
 
 def _store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
