@@ -128,7 +128,8 @@ def run_ours(spec: dict, stream: list[list[dict]]) -> dict:
                               compile_blocks=options.get("compile", "1") == "1" and cuda,
                               activation_checkpointing=options.get("ac", "1") == "1",
                               reshard_after_forward=options.get("reshard", "1") == "1",
-                              checkpoint_fraction=float(options.get("fraction", 1.0)))  # fmt: skip
+                              checkpoint_fraction=float(options.get("fraction", 1.0)),
+                              activation_memory_budget=float(options["budget"]) if "budget" in options else None)  # fmt: skip
     data, timer, make_trainer = _lightning_parts({"grad_accum": 1}, stream, per_micro_batch=False)
     make_trainer(VeOmniStrategy(parallel=parallel), timer).fit(module, datamodule=data)
     return _finish(timer.clock, torch.device("cuda" if cuda else "cpu"))
@@ -167,7 +168,7 @@ def main() -> None:
     p.add_argument("--shape", default="wan2.1-1.3b", choices=sorted(SHAPES))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", nargs="+", default=["a", "c"], help="a, c, c:ac=0, c:fraction=0.5, c:reshard=0, c:compile=0")
+    p.add_argument("--runs", nargs="+", default=["a", "c"], help="a, c, c:ac=0, c:fraction=0.5, c:reshard=0, c:compile=0, c:ac=0:budget=0.5 (compiler memory budget)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="dit_throughput")

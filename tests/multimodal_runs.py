@@ -1,5 +1,6 @@
 """Shared runs of the multimodal equivalence tests: a fixed plan of packed micro-batches trained by a family module
-under a given layout (Lightning Trainer, gloo, fp32), recording per-step losses and grad norms."""
+under a given layout (Lightning Trainer; gloo and fp32 by default, NCCL and bf16 on GPUs for
+``bench/nccl_equivalence.py``), recording per-step losses and grad norms."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import torch
 
 
 def fit_plan(rank: int, world: int, steps: list, global_micro_batches: int, module_cls: str, model: str, sp: int,
-             ac: bool = False, ep: int = 1) -> dict:  # fmt: skip
-    """Train ``module_cls`` (a ``veomni_lightning.modules`` name) on ``steps``; dp rank r takes its share of each step."""
+             ac: bool = False, ep: int = 1, accelerator: str = "cpu", param_dtype: str = "fp32") -> dict:  # fmt: skip
+    """Train ``module_cls`` (a ``veomni_lightning.modules`` name) on ``steps``; dp rank r takes its share of each step.
+
+    ``accelerator="cuda"`` puts rank r on GPU r (Lightning then picks NCCL); ``param_dtype`` as in ``ParallelConfig``
+    (``"bf16"``: bf16 compute, fp32 master weights and reduction).
+    """
     import lightning.pytorch as pl
     from e2e_helpers import MetricsRecorder
     from torch.utils.data import DataLoader
@@ -25,11 +30,14 @@ def fit_plan(rank: int, world: int, steps: list, global_micro_batches: int, modu
             share = global_micro_batches // dp
             return DataLoader(_Steps([step[r * share : (r + 1) * share] for step in steps]), batch_size=None)
 
+    if accelerator == "cuda":
+        # Before the Trainer exists: NCCL and every allocation of this rank must land on its own GPU, not GPU 0.
+        torch.cuda.set_device(rank)
     recorder = MetricsRecorder()
     strategy = VeOmniStrategy(
-        parallel=ParallelConfig(sp_size=sp, ep_size=ep, param_dtype="fp32", activation_checkpointing=ac)
+        parallel=ParallelConfig(sp_size=sp, ep_size=ep, param_dtype=param_dtype, activation_checkpointing=ac)
     )
-    trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_steps=len(steps), logger=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=world, strategy=strategy, max_steps=len(steps), logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[recorder], log_every_n_steps=1, num_sanity_val_steps=0)  # fmt: skip
     module = getattr(modules, module_cls)(model, pretrained=False, learning_rate=1e-3, warmup_steps=1)

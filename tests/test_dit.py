@@ -28,12 +28,11 @@ STEPS = 3
 CLIPS = dict(num_frames=9, fps=4.0, max_pixels=4096, text_length=TEXT_LENGTH)
 
 
-@pytest.fixture(scope="module")
-def dit_assets(tmp_path_factory) -> dict:
-    """A tiny Wan folder, rows on a real clip and real pictures, and the plan's micro-batches from the pipeline."""
+def build_dit_assets(root: Path) -> dict:
+    """A tiny Wan folder, rows on a real clip and real pictures, and the plan's micro-batches from the pipeline, under
+    ``root`` (also used by ``bench/nccl_equivalence.py prepare``)."""
     from veomni_lightning.data import DiTDataModule
 
-    root = tmp_path_factory.mktemp("dit")
     folder = save_tiny_wan_folder(root / "wan", lee_text_path())
     media = media_files()
     rows = [{"prompt": "a big rabbit walks in a green forest", "video": str(media["video"])},
@@ -45,6 +44,12 @@ def dit_assets(tmp_path_factory) -> dict:
     dm.setup("fit")
     steps = [[dm.micro_batch(s * GLOBAL_MICRO_BATCHES + i) for i in range(GLOBAL_MICRO_BATCHES)] for s in range(STEPS)]
     return {"root": str(root), "data": str(data), "model": str(folder), "steps": steps}
+
+
+@pytest.fixture(scope="module")
+def dit_assets(tmp_path_factory) -> dict:
+    """Tiny Wan assets (see :func:`build_dit_assets`)."""
+    return build_dit_assets(tmp_path_factory.mktemp("dit"))
 
 
 def test_the_plan_mixes_shapes_and_uneven_token_counts(dit_assets):

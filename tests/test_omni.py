@@ -51,14 +51,15 @@ PLAN = [
 ]  # fmt: skip
 
 
-def _build_assets(root: Path, family: str) -> dict:
-    """The thinker folder (config + processor) and the plan's micro-batches built by the real pipeline."""
+def build_omni_assets(root: Path, family: str) -> dict:
+    """The thinker folder (config + processor) and the plan's micro-batches built by the real pipeline, under
+    ``root`` (also used by ``bench/nccl_equivalence.py prepare``)."""
     from veomni_lightning.data import OmniDataModule
     from veomni_lightning.data.multimodal import build_multimodal_micro_batch
     from veomni_lightning.data.sources import RowLocation
 
     media = root / "media"
-    media.mkdir()
+    media.mkdir(parents=True)
     files = media_files()
     for name, source in [("cat.png", "cat"), ("china.jpg", "china"), ("clip.mp4", "video")]:
         shutil.copy(files[source], media / name)
@@ -86,14 +87,14 @@ def _build_assets(root: Path, family: str) -> dict:
 
 @pytest.fixture(scope="module")
 def omni_assets(tmp_path_factory) -> dict:
-    """Qwen2.5-Omni thinker assets (see :func:`_build_assets`)."""
-    return _build_assets(tmp_path_factory.mktemp("omni"), "qwen2_5_omni")
+    """Qwen2.5-Omni thinker assets (see :func:`build_omni_assets`)."""
+    return build_omni_assets(tmp_path_factory.mktemp("omni"), "qwen2_5_omni")
 
 
 @pytest.fixture(scope="module")
 def moe_assets(tmp_path_factory) -> dict:
     """Qwen3-Omni-MoE thinker assets: Qwen3-VL style vision (deepstack), a conv2d audio front end, MoE experts."""
-    return _build_assets(tmp_path_factory.mktemp("omni_moe"), "qwen3_omni_moe")
+    return build_omni_assets(tmp_path_factory.mktemp("omni_moe"), "qwen3_omni_moe")
 
 
 def _runs(rank: int, world: int, assets: dict, layouts: list) -> dict:

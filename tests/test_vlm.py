@@ -51,16 +51,15 @@ PLAN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vlm_assets(tmp_path_factory) -> dict:
-    """Per family: the model folder (config + processor) and the plan's micro-batches built by the real pipeline."""
+def build_vlm_assets(root: Path, families: tuple[str, ...] = FAMILIES) -> dict:
+    """Per family: the model folder (config + processor) and the plan's micro-batches built by the real pipeline, under
+    ``root`` (also used by ``bench/nccl_equivalence.py prepare``)."""
     from veomni_lightning.data import VLMDataModule
     from veomni_lightning.data.multimodal import build_multimodal_micro_batch
     from veomni_lightning.data.sources import RowLocation
 
-    root = tmp_path_factory.mktemp("vlm")
     media = root / "media"
-    media.mkdir()
+    media.mkdir(parents=True)
     files = media_files()
     for name, source in [("cat.png", "cat"), ("china.jpg", "china"), ("coffee.png", "coffee"),
                          ("astronaut.png", "astronaut"), ("clip.mp4", "video")]:  # fmt: skip
@@ -69,7 +68,7 @@ def vlm_assets(tmp_path_factory) -> dict:
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = {"root": str(root), "data": str(data)}
-    for family in FAMILIES:
+    for family in families:
         folder = save_tiny_vlm_folder(root / family, family, lee_text_path())
         dm = VLMDataModule(train_files=str(data), processor=str(folder), micro_batch_tokens=TOKENS)
         encoder = dm.make_encoder()
@@ -86,6 +85,12 @@ def vlm_assets(tmp_path_factory) -> dict:
         ]
         out[family] = {"model": str(folder), "steps": steps}
     return out
+
+
+@pytest.fixture(scope="module")
+def vlm_assets(tmp_path_factory) -> dict:
+    """Both families' assets (see :func:`build_vlm_assets`)."""
+    return build_vlm_assets(tmp_path_factory.mktemp("vlm"))
 
 
 def _runs(rank: int, world: int, assets: dict, layouts: list) -> dict:
