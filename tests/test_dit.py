@@ -300,3 +300,35 @@ def test_cli_tiny_wan_config_trains_with_sp2(tmp_path):
     from diffusers import WanTransformer3DModel
 
     assert WanTransformer3DModel.from_pretrained(tmp_path / "run" / "version_0" / "hf").config.num_layers == 2
+
+
+def test_lora_exports_load_in_diffusers_pipeline_and_merged(dit_assets, tmp_path):
+    """LoRA on the Wan transformer: the diffusers LoRA folder loads with ``pipe.load_lora_weights`` and gives the
+    module's prediction; the merged export (plain ``from_pretrained``) gives it too."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    module = _built_module(dit_assets["model"], lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    module.export_hf(str(tmp_path / "base"))  # B = 0: the merged export is the base transformer
+    with torch.no_grad():  # a trained adapter: B away from zero
+        for name, param in module.model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    generator = torch.Generator().manual_seed(2)
+    latents, text = torch.randn(1, 4, 2, 4, 6, generator=generator), torch.randn(1, TEXT_LENGTH, 32, generator=generator)
+    inputs = dict(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=text)
+    with torch.no_grad():
+        want = module.model.transformer(**inputs).sample
+    module.export_lora(str(tmp_path / "lora"))
+    module.export_hf(str(tmp_path / "merged"))
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["pytorch_lora_weights.safetensors"]
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+                       transformer=WanTransformer3DModel.from_pretrained(tmp_path / "base").eval())  # fmt: skip
+    with torch.no_grad():
+        base = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(str(tmp_path / "lora"))
+        with_lora = pipe.transformer(**inputs).sample
+        merged = WanTransformer3DModel.from_pretrained(tmp_path / "merged").eval()(**inputs).sample
+    assert (want - base).abs().max() > 1e-3  # the adapter does change the prediction
+    torch.testing.assert_close(with_lora, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-5)

@@ -324,3 +324,39 @@ def test_mfu_flops_count_the_vision_tower(vlm_assets):
     expected = module.flops_per_token(text_only) + 6 * count_parameters(tower) * patches / tokens
     assert module.flops_per_token(micro_batch) == pytest.approx(expected)
     assert patches > 0 and count_parameters(tower) > 0
+
+
+def test_lora_adapter_and_merged_exports_give_the_module_logits(vlm_assets, tmp_path):
+    """LoRA on a VLM (language model and vision tower, all-linear): the PEFT adapter folder on the base model and the
+    merged folder give the module's logits, also with a picture through the adapted vision tower."""
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = vlm_assets["qwen2_5_vl"]["model"]
+    processor = AutoProcessor.from_pretrained(model)
+    module = _built_module(model, lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
+    adapted = {n.split(".lora_")[0] for n, p in module.model.named_parameters() if p.requires_grad}
+    assert any(".visual." in n for n in adapted) and any(".language_model." in n for n in adapted), sorted(adapted)
+    module.export_hf(str(tmp_path / "base"), processor=processor)  # B = 0: the merged export is the base model
+    with torch.no_grad():  # a trained adapter: B away from zero
+        for name, param in module.model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    module.export_lora(str(tmp_path / "adapter"))
+    module.export_hf(str(tmp_path / "merged"), processor=processor)
+    load = lambda folder: AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()  # noqa: E731
+    peft_model, merged, base = PeftModel.from_pretrained(load(tmp_path / "base"), tmp_path / "adapter").eval(), \
+        load(tmp_path / "merged"), load(tmp_path / "base")  # fmt: skip
+    ids = torch.randint(10, 500, (1, 24))
+    picture = Image.open(Path(vlm_assets["root"]) / "media" / "cat.png").convert("RGB")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    inputs = processor(text=processor.apply_chat_template(chat, add_generation_prompt=True), images=[picture],
+                       return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        want = module.model.hf_model.eval()(input_ids=ids).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+        with_picture = peft_model(**inputs).logits
+        torch.testing.assert_close(merged(**inputs).logits, with_picture, rtol=1e-4, atol=1e-5)
+        assert (with_picture - base(**inputs).logits).abs().max() > 1e-3

@@ -116,9 +116,18 @@ class ModelAdapter:
         load_pretrained_weights(model, folder)
 
     def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
-        """Write the full weights as ``model.safetensors`` in ``out_dir`` (collective; atomic)."""
-        state_dict = full_state_dict(model)
+        """Write the full weights as ``model.safetensors`` in ``out_dir`` (collective; atomic); ``transform`` (an
+        extra) maps the state dict first, e.g. LoRA adapters merged into their weights."""
+        state_dict = _transformed(full_state_dict(model), extras)
         return write_folder_on_rank0(out_dir, lambda tmp: write_safetensors(tmp, state_dict, "model"))
+
+    def export_lora(self, model: nn.Module, out_dir: str | os.PathLike, config: Any, base: str | None) -> Path:
+        """Write ``model``'s LoRA adapters as a PEFT adapter folder (``PeftModel.from_pretrained(base, folder)``);
+        collective, atomic. ``config`` is the ``LoraConfig``, ``base`` the base model's name or path."""
+        from .lora import lora_state_dict, write_peft_adapter
+
+        adapters = lora_state_dict(full_state_dict(model))
+        return write_folder_on_rank0(out_dir, lambda tmp: write_peft_adapter(Path(tmp), adapters, config, base))
 
 
 class TransformersAdapter(ModelAdapter):
@@ -269,13 +278,39 @@ class DiffusersAdapter(ModelAdapter):
 
     def export(self, model: nn.Module, out_dir: str | os.PathLike, **extras: Any) -> Path:
         """A folder ``ModelMixin.from_pretrained`` loads: ``config.json`` + ``diffusion_pytorch_model.safetensors``."""
-        state_dict = full_state_dict(model)
+        state_dict = _transformed(full_state_dict(model), extras)
 
         def write(tmp: Path) -> None:
             write_safetensors(tmp, state_dict, self.weights_name)
             model.save_config(tmp)
 
         return write_folder_on_rank0(out_dir, write)
+
+
+    def export_lora(self, model: nn.Module, out_dir: str | os.PathLike, config: Any, base: str | None) -> Path:
+        """The adapters as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``, keys ``transformer.<name>``
+        and the LoRA config in its metadata): ``pipe.load_lora_weights(folder)`` loads it into the pipeline's
+        transformer. Written by diffusers' own ``save_lora_weights``."""
+        from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+        from .lora import lora_state_dict
+
+        prefix = "base_model.model."
+        adapters = {k.removeprefix(prefix): v for k, v in lora_state_dict(full_state_dict(model)).items()}
+        metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules),
+                    "lora_dropout": config.lora_dropout, "bias": "none"}  # fmt: skip
+
+        def write(tmp: Path) -> None:
+            WanLoraLoaderMixin.save_lora_weights(
+                str(tmp), transformer_lora_layers=adapters, transformer_lora_adapter_metadata=metadata
+            )
+
+        return write_folder_on_rank0(out_dir, write)
+
+
+def _transformed(state_dict: dict[str, torch.Tensor], extras: dict[str, Any]) -> dict[str, torch.Tensor]:
+    transform = extras.get("transform")
+    return state_dict if transform is None else transform(state_dict)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

@@ -36,15 +36,12 @@ from torch import nn
 
 from veomni_lightning.errors import ConfigError
 from veomni_lightning.models import ModelAdapter, materialize_model
-from veomni_lightning.models.export import full_state_dict, write_folder_on_rank0
 from veomni_lightning.models.lora import (
     add_lora,
     init_lora_weights,
     load_peft_adapter,
     lora_config,
-    lora_state_dict,
     merge_lora,
-    write_peft_adapter,
 )
 from veomni_lightning.modules.metrics import ThroughputMeter, device_peak_tflops
 from veomni_lightning.parallel import ParallelConfig, ParallelMesh, all_reduce_sum, clip_grad_norm, parallelize_model
@@ -448,15 +445,14 @@ class TrainingModule(pl.LightningModule):
         return backbone.adapter.export(backbone.module, out_dir, **extras)
 
     def export_lora(self, out_dir: str) -> Path:
-        """Write the first backbone's LoRA adapters as a folder ``peft.PeftModel.from_pretrained(base, folder)``
-        loads (collective: every rank calls it; rank 0 writes, atomically)."""
+        """Write the first backbone's LoRA adapters in its library's adapter format (collective: every rank calls it;
+        rank 0 writes, atomically): a PEFT folder ``peft.PeftModel.from_pretrained(base, folder)`` loads for
+        transformers models, a diffusers LoRA folder ``pipe.load_lora_weights(folder)`` loads for diffusers ones."""
         if self.hparams.get("lora") is None:
             raise ConfigError("export_lora: this module trains no LoRA adapters (set lora: {r: 16, ...}).")
         backbone = self.backbones[0]
-        adapters = lora_state_dict(full_state_dict(backbone.module))
-        config = self.lora_configs[0]
         base = str(self.hparams.get("model", "")) or None
-        return write_folder_on_rank0(out_dir, lambda tmp: write_peft_adapter(tmp, adapters, config, base))
+        return backbone.adapter.export_lora(backbone.module, out_dir, self.lora_configs[0], base)
 
     # ================================================================== helpers
     def _host_scalar(self, value: float) -> torch.Tensor:
