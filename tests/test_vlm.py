@@ -338,6 +338,20 @@ def test_lora_adapter_and_merged_exports_give_the_module_logits(vlm_assets, tmp_
     module = _built_module(model, lora={"r": 4, "alpha": 8, "target_modules": "all-linear"})
     adapted = {n.split(".lora_")[0] for n, p in module.model.named_parameters() if p.requires_grad}
     assert any(".visual." in n for n in adapted) and any(".language_model." in n for n in adapted), sorted(adapted)
+    # MFU: a frozen weight does no weight gradient (4 FLOPs per parameter and row instead of 6), an adapter all 6.
+    from veomni_lightning.modules.metrics import count_parameters, input_embedding_parameters
+
+    hf, micro_batch = module.model.hf_model, vlm_assets["qwen2_5_vl"]["steps"][0][0]
+    lm = [module.adapter.language_model(hf), hf.lm_head]
+    lm_adapters = sum(count_parameters(m, trainable_only=True) for m in lm)
+    lm_frozen = sum(count_parameters(m) for m in lm) - lm_adapters - input_embedding_parameters(hf)
+    tower = module.adapter.vision_tower(hf)
+    tower_adapters = count_parameters(tower, trainable_only=True)
+    tower_frozen = count_parameters(tower) - tower_adapters
+    patches_per_token = micro_batch["pixel_values"].shape[0] / micro_batch["input_ids"].shape[-1]
+    full = _built_module(model)  # the same base without adapters: 6 FLOPs per weight
+    expected = 2 * lm_frozen - 6 * lm_adapters + (2 * tower_frozen - 6 * tower_adapters) * patches_per_token
+    assert full.flops_per_token(micro_batch) - module.flops_per_token(micro_batch) == pytest.approx(expected)
     module.export_hf(str(tmp_path / "base"), processor=processor)  # B = 0: the merged export is the base model
     with torch.no_grad():  # a trained adapter: B away from zero
         for name, param in module.model.named_parameters():

@@ -148,7 +148,9 @@ class CausalLMModule(TrainingModule):
             count_parameters(hf_model) - inactive_expert_parameters(self.experts),
             attention_length(micro_batch),
             embedding_params=input_embedding_parameters(hf_model),
-            adapter_params=count_parameters(hf_model, trainable_only=True) if self.hparams.get("lora") is not None else None,
+            adapter_params=count_parameters(hf_model, trainable_only=True)
+            if self.hparams.get("lora") is not None
+            else None,
         )
 
     def export_hf(self, out_dir: str, tokenizer: Any | None = None) -> Any:

@@ -30,6 +30,7 @@ __all__ = [
     "inactive_expert_parameters",
     "input_embedding_parameters",
     "flops_per_token",
+    "weight_flops",
     "attention_length",
     "device_peak_tflops",
     "ThroughputMeter",
@@ -97,6 +98,16 @@ def flops_per_token(
     if adapter_params is None:
         return 6.0 * (num_params - embedding_params) + attention
     return 4.0 * (num_params - adapter_params - embedding_params) + 6.0 * adapter_params + attention
+
+
+def weight_flops(module: nn.Module, lora: bool = False) -> float:
+    """Training FLOPs per input row (token, patch, frame) of ``module``'s weights: ``6·P``, or with LoRA (the
+    adapters the only trained parameters) ``4·(P − A) + 6·A``, as in this module's docstring."""
+    total = count_parameters(module)
+    if not lora:
+        return 6.0 * total
+    adapters = count_parameters(module, trainable_only=True)
+    return 4.0 * (total - adapters) + 6.0 * adapters
 
 
 def attention_length(micro_batch: dict) -> float:

@@ -17,7 +17,7 @@ from torch import nn
 
 from veomni_lightning.errors import ConfigError
 from veomni_lightning.modules.base import Backbone
-from veomni_lightning.modules.metrics import count_parameters
+from veomni_lightning.modules.metrics import weight_flops
 from veomni_lightning.modules.vlm import VLMModule
 from veomni_lightning.parallel.audio import frames_after_front_end
 
@@ -87,9 +87,10 @@ class OmniModule(VLMModule):
 
     def encoder_flops(self, micro_batch: dict[str, Any]) -> float:
         """The audio tower's training FLOPs: ``6·P_audio·F`` with ``F`` encoder frames (after the conv front end;
-        its attention FLOPs are left out)."""
+        its attention FLOPs are left out; LoRA: frozen weights count 4)."""
         lengths = micro_batch.get("audio_lengths")
         if not lengths:
             return 0.0
         tower = self.adapter.audio_tower(self.model.hf_model)
-        return 6 * count_parameters(tower) * frames_after_front_end(lengths, tower.n_window)
+        lora = self.hparams.get("lora") is not None
+        return weight_flops(tower, lora) * frames_after_front_end(lengths, tower.n_window)

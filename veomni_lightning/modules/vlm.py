@@ -22,6 +22,7 @@ from veomni_lightning.modules.metrics import (
     count_parameters,
     flops_per_token,
     input_embedding_parameters,
+    weight_flops,
 )
 from veomni_lightning.parallel.attention import ENCODER_ATTENTION
 from veomni_lightning.parallel.reductions import split_groups
@@ -136,22 +137,28 @@ class VLMModule(TrainingModule):
         """Training FLOPs per token of the language model plus the vision tower's share.
 
         ``6·(P_lm − E) + 12·L·H·D·S`` (the text formula, ``modules/metrics.py``) ``+ 6·P_vision·N / T`` with ``N``
-        vision patches and ``T`` tokens of the micro-batch (the tower's attention FLOPs are left out). Measured on
+        vision patches and ``T`` tokens of the micro-batch (the tower's attention FLOPs are left out); with LoRA the
+        frozen weights count 4 instead of 6 (no weight gradient). Measured on
         the first micro-batch, so the logged MFU is approximate when the share of pictures varies.
         """
         hf_model = self.model.hf_model
         decoder = self.adapter.language_model(hf_model)
         tokens = micro_batch["input_ids"].shape[-1]
+        lora = self.hparams.get("lora") is not None  # frozen weights skip their weight gradient (modules/metrics.py)
+        trained = count_parameters(decoder, trainable_only=True) + count_parameters(
+            hf_model.lm_head, trainable_only=True
+        )
         language = flops_per_token(
             hf_model.config.text_config,
             count_parameters(decoder) + count_parameters(hf_model.lm_head),
             attention_length(micro_batch),
             embedding_params=input_embedding_parameters(hf_model),
+            adapter_params=trained if lora else None,
         )
         patches = sum(micro_batch[k].shape[0] for k in ("pixel_values", "pixel_values_videos") if k in micro_batch)
         return (
             language
-            + 6 * count_parameters(self.adapter.vision_tower(hf_model)) * patches / tokens
+            + weight_flops(self.adapter.vision_tower(hf_model), lora) * patches / tokens
             + (self.encoder_flops(micro_batch) / tokens)
         )
 
