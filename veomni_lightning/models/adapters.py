@@ -286,7 +286,6 @@ class DiffusersAdapter(ModelAdapter):
 
         return write_folder_on_rank0(out_dir, write)
 
-
     def export_lora(self, model: nn.Module, out_dir: str | os.PathLike, config: Any, base: str | None) -> Path:
         """The adapters as a diffusers LoRA folder (``pytorch_lora_weights.safetensors``, keys ``transformer.<name>``
         and the LoRA config in its metadata): ``pipe.load_lora_weights(folder)`` loads it into the pipeline's
