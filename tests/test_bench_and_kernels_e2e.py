@@ -150,3 +150,12 @@ def test_dit_bench_plain_diffusers_and_ours_train_identically(tmp_path):
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"], rows
     torch.testing.assert_close(torch.tensor(rows[1]["losses"]), torch.tensor(rows[0]["losses"]), rtol=1e-5, atol=0)
+
+
+def test_sdpa_backend_bench_runs_on_cpu():
+    """``bench/sdpa_backends.py`` smoke run: on CPU it times the default dispatch only (a forward and backward)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import sdpa_backends
+
+    results = sdpa_backends.main(["--tokens", "16", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--causal"])
+    assert list(results) == ["default"] and "error" not in results["default"], results
