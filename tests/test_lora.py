@@ -249,3 +249,22 @@ def test_moe_lora_adapts_attention_not_experts_and_ep2_equals_one_process(tiny_a
         torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(single["grad_norms"]), rtol=1e-4,
                                    atol=0)  # fmt: skip
     assert single["losses"][-1] < single["losses"][0], single["losses"]
+
+
+def _bf16_lora(rank: int, world: int, assets: dict) -> dict:
+    _, module, losses, norms = fit_tiny(assets["qwen3"], assets["tokenizer"], assets["data"], devices=world,
+                                        grad_accum=4 // world, param_dtype="bf16", module_options={"lora": LORA})  # fmt: skip
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
+    dtypes = {p.requires_grad: str(local(p).dtype) for p in module.model.parameters()}
+    return {"losses": losses, "grad_norms": norms, "dtypes": dtypes}
+
+
+@pytest.mark.timeout(300)
+def test_bf16_frozen_base_shards_and_trains_under_dp2(tiny_assets):
+    """FSDP2 units holding bf16 frozen weights beside fp32 adapters: dp=2 shards, gathers and reduces them, and
+    follows the single-process bf16 curve (bf16 compute: a loose bar; the fp32 tests above are the exact proof)."""
+    single = run_distributed(_bf16_lora, 1, tiny_assets, init_process_group=False, timeout=240)[0]
+    for got in run_distributed(_bf16_lora, 2, tiny_assets, init_process_group=False, timeout=240) + [single]:
+        assert got["dtypes"] == {True: "torch.float32", False: "torch.bfloat16"}, got["dtypes"]
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(single["losses"]), rtol=2e-2, atol=0)
+    assert single["losses"][-1] < single["losses"][0], single["losses"]
