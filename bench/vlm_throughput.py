@@ -94,33 +94,6 @@ SHAPES = {  # Qwen3-VL-2B-Instruct's shape (text and vision towers)
     ),
     # Qwen2.5-VL-7B-Instruct's shape: the config_overrides of configs/vlm/qwen2_5_vl_7b_sft.yaml (8.29B parameters;
     # tests/test_vlm_bench.py keeps the two equal).
-    "qwen2.5-vl-7b": dict(
-        family="qwen2_5_vl",
-        tie_word_embeddings=False,
-        text=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            max_position_embeddings=128000,
-            tie_word_embeddings=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-        ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-        ),
-    ),  # fmt: skip
     "qwen2.5-vl-tiny": dict(  # a CPU smoke test of the harness on the 7B's family (no meaningful numbers)
         family="qwen2_5_vl",
         tie_word_embeddings=False,
@@ -235,6 +208,20 @@ SHAPES = {  # Qwen3-VL-2B-Instruct's shape (text and vision towers)
         ),  # fmt: skip
     ),
 }
+
+
+def recipe_shape(recipe: Path) -> dict:
+    """A bench shape read from a shipped VLM recipe's ``config_overrides`` (one source for the shape and the recipe)."""
+    import yaml
+
+    init = yaml.safe_load(recipe.read_text())["model"]["init_args"]
+    overrides = init["config_overrides"]
+    return dict(family=init["model"], tie_word_embeddings=overrides["tie_word_embeddings"],
+                text=overrides["text_config"], vision=overrides["vision_config"])  # fmt: skip
+
+
+# Qwen2.5-VL-7B-Instruct's shape, as the 7B recipe (configs/vlm/qwen2_5_vl_7b_sft.yaml) trains it.
+SHAPES["qwen2.5-vl-7b"] = recipe_shape(HERE.parent / "configs" / "vlm" / "qwen2_5_vl_7b_sft.yaml")
 
 
 def build_assets(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
